@@ -1,0 +1,40 @@
+"""hf_cb: continuous batching over a paged KV cache for Hugging Face Transformers causal LMs.
+
+``import hf_cb`` registers the attention function ``"hf_cb"`` (and its mask function) with
+Transformers and adds ``generate_batch_continuous`` to every generative model.
+"""
+
+from .attention_interface import ATTENTION_NAME, register
+from .config import EngineConfig
+from .engine import LLMEngine, ModelNotSupported
+from .generation_mixin import (
+    disable,
+    enable,
+    generate,
+    generate_batch_continuous,
+    get_engine,
+    install,
+    release,
+)
+from .paged_cache import PagedCache
+from .sampling import SamplingParams
+from .sequence import Completion
+
+register()
+install()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "Completion",
+    "EngineConfig",
+    "LLMEngine",
+    "ModelNotSupported",
+    "PagedCache",
+    "SamplingParams",
+    "disable",
+    "enable",
+    "generate",
+    "generate_batch_continuous",
+    "get_engine",
+    "release",
+]

@@ -1,0 +1,98 @@
+"""The attention function registered as ``"hf_cb"`` with Transformers' `AttentionInterface`.
+
+Inside an engine step the model's forward receives an `AttentionStep` through the keyword
+argument ``hf_cb_step`` (Transformers hands extra keywords of ``model(...)`` to every attention
+call); `PagedCache.update` has already written the step's K/V and returned the layer's pages,
+and the step attends each sequence's own pages. Outside a step the function is plain SDPA
+(eager where the layer needs a logit soft-cap), so the model stays usable for training and
+evaluation.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "hf_cb"
+STEP_KWARG = "hf_cb_step"
+
+
+class AttentionStep(Protocol):
+    """One planned step of an attention backend; built once per step, used by every layer."""
+
+    def write_kv(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Write the step's new ``key``/``value`` (``[T, Hkv, D]``) into their slots."""
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        scaling: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """Attention of the step's queries ``[T, H, D]`` over their sequences' pages."""
+
+
+def hf_cb_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    step: AttentionStep | None = kwargs.pop(STEP_KWARG, None)
+    if step is None:
+        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("hf_cb does not support attention sinks (s_aux)")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    # query arrives as [1, H, T, D]; the packed step works on [T, H, D].
+    out = step.attend(
+        query[0].transpose(0, 1),
+        key,
+        value,
+        scaling=scaling,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+    return out.unsqueeze(0), None
+
+
+def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    # SDPA has no soft-cap or sinks: use the model's own eager attention with an additive mask.
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def hf_cb_mask(*args, **kwargs):
+    """SDPA's boolean mask, always materialised: the eager fallback cannot infer causality."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register the attention and mask functions under `ATTENTION_NAME` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, hf_cb_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, hf_cb_mask)

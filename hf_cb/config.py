@@ -1,0 +1,58 @@
+"""The one engine configuration dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the continuous-batching engine is sized and run.
+
+    Attributes:
+        page_size: tokens per KV page.
+        num_pages: pages in the pool. ``None``: on CUDA, sized from the memory free after a
+            worst-case step (see ``memory_utilization``); elsewhere ``cpu_kv_cache_bytes`` worth,
+            at most ``cpu_max_pages``.
+        max_num_seqs: most requests in one step.
+        max_num_batched_tokens: most tokens (prefill chunks plus decode rows) in one step;
+            longer prompts are prefilled in chunks of at most this many tokens.
+        memory_utilization: on CUDA, the share of the memory left after the worst-case step
+            that goes to KV pages.
+        max_model_len: longest prompt plus output; ``None`` takes the model's
+            ``max_position_embeddings``.
+        attention_backend: ``"auto"`` picks FlashInfer on CUDA when it is installed and supports
+            the dtype and head size, the PyTorch backend otherwise.
+        prefill_backend: FlashInfer prefill kernels, ``"fa2"`` or ``"fa3"``.
+        cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
+        cpu_kv_cache_bytes / cpu_max_pages: the bounded default pool off CUDA.
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"
+    prefill_backend: Literal["fa2", "fa3"] = "fa2"
+    cuda_graphs: bool = True
+    cpu_kv_cache_bytes: int = 2 << 30
+    cpu_max_pages: int = 4096
+
+    def __post_init__(self) -> None:
+        positive = ("page_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"EngineConfig.num_pages must be >= 1 or None, got {self.num_pages}")
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise ValueError(
+                f"EngineConfig.memory_utilization must be in (0, 1], got {self.memory_utilization}"
+            )
+        if self.attention_backend not in ("auto", "flashinfer", "torch"):
+            raise ValueError(f"unknown EngineConfig.attention_backend {self.attention_backend!r}")
+        if self.prefill_backend not in ("fa2", "fa3"):
+            raise ValueError(f"unknown EngineConfig.prefill_backend {self.prefill_backend!r}")

@@ -1,0 +1,93 @@
+"""`PagedCache`: the K/V pages of every layer, as a Transformers `Cache`.
+
+Each layer holds a key and a value tensor of ``[num_pages + 1, page_size, kv_heads, head_dim]``
+(NHD, FlashInfer's layout). The extra last page belongs to no sequence: padded rows of a
+captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` with no hint
+of where the tokens go, so the engine sets `step` before each forward; ``update`` writes the
+step's new K/V into their slots and returns the layer's pages, which the ``"hf_cb"`` attention
+function then reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention_interface import AttentionStep
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's pages. Sequence lengths live in the page manager, not here."""
+
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, is_sliding: bool):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_sliding = is_sliding
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Pages are allocated up front; nothing to do."""
+
+    def update(self, key_states, value_states, step: AttentionStep, *args, **kwargs):
+        if key_states.shape[1] != self.keys.shape[2] or key_states.shape[3] != self.keys.shape[3]:
+            raise ValueError(
+                f"the model produced K/V of {key_states.shape[1]} heads x {key_states.shape[3]}, "
+                f"the paged cache holds {self.keys.shape[2]} x {self.keys.shape[3]}"
+            )
+        # [1, Hkv, T, D] -> [T, Hkv, D]
+        step.write_kv(self.keys, self.values, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return (self.keys.shape[0] - 1) * self.keys.shape[1]
+
+    def reset(self) -> None:
+        """Pages are owned by the page manager; a reset leaves them to it."""
+
+
+class PagedCache(Cache):
+    """The paged KV cache of an hf_cb engine; usable only inside an engine step."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sliding_layers: list[bool] | None = None,
+    ):
+        sliding_layers = sliding_layers or [False] * num_layers
+        shape = (num_pages + 1, page_size, num_kv_heads, head_dim)
+        layers = [
+            PagedLayer(
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+                sliding_layers[i],
+            )
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.scratch_page = num_pages
+        self.step: AttentionStep | None = None
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.step is None:
+            raise RuntimeError("PagedCache is written only inside an hf_cb engine step")
+        return self.layers[layer_idx].update(key_states, value_states, self.step)

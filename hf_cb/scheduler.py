@@ -1,0 +1,135 @@
+"""Iteration-level scheduling: which sequences run in the next step, and how many tokens each.
+
+Running sequences go first, in admission order: a decode row costs one token, an unfinished
+prompt costs its next chunk. Waiting sequences are admitted while the step has token budget,
+sequence slots and pages. When pages run out, the most recently admitted sequences are
+preempted: their pages are freed and they are recomputed later from their tokens so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .config import EngineConfig
+from .manager import PageManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The rows of one step: row ``i`` feeds ``num_new_tokens[i]`` tokens of ``seqs[i]``."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row feeds exactly its last token."""
+        return all(
+            n == 1 and s.num_cached_tokens == s.num_tokens - 1
+            for s, n in zip(self.seqs, self.num_new_tokens)
+        )
+
+    def samples(self, row: int) -> bool:
+        """Whether row ``row`` reaches the end of its tokens, so its logits pick a new token."""
+        seq = self.seqs[row]
+        return seq.num_cached_tokens + self.num_new_tokens[row] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, manager: PageManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.manager = manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        preemptions_before = self.num_preemptions
+        for seq in list(self.running):
+            # A sequence preempted to make room for an older row takes every newer one with it.
+            if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+                break
+            n = min(seq.num_tokens - seq.num_cached_tokens, budget)
+            if not self._make_room(seq, seq.num_cached_tokens + n):
+                break
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        # Admitting new work right after a preemption would only evict it again.
+        if self.num_preemptions == preemptions_before:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_cached_tokens, budget)
+            if not self.manager.can_allocate(seq.seq_id, seq.num_cached_tokens + n):
+                break
+            self.manager.allocate(seq.seq_id, seq.num_cached_tokens + n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Allocate pages for ``seq``, preempting the newest running sequences as needed.
+        Returns False when ``seq`` itself had to be preempted."""
+        while not self.manager.can_allocate(seq.seq_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.manager.allocate(seq.seq_id, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.pop()
+        self.manager.free(seq.seq_id)
+        seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int | None]) -> list[Sequence]:
+        """Record a step's progress and sampled tokens; return the sequences it finished."""
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+            seq.num_cached_tokens += n
+            if token is not None and seq.append_token(token):
+                self.finish(seq)
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def finish(self, seq: Sequence) -> None:
+        """Mark a sequence finished and give its pages back."""
+        seq.status = SequenceStatus.FINISHED
+        self.manager.free(seq.seq_id)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every queued and running sequence, freeing their pages."""
+        dropped = list(self.running) + list(self.waiting)
+        for seq in dropped:
+            self.finish(seq)
+        self.running.clear()
+        self.waiting.clear()
+        return dropped

@@ -1,0 +1,64 @@
+"""Tiny random models and prompts shared by the tests (no weights are downloaded)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import hf_cb
+
+VOCAB = 512
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    # Larger weights spread the logits, so float32 rounding never flips a greedy choice.
+    initializer_range=0.2,
+)
+
+MODEL_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=48),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32),
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=16, sliding_window=32, attn_logit_softcapping=20.0),
+    "gemma3": lambda: Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=32, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(MODEL_CONFIGS[name](), dtype=dtype)
+    return model.to(device).eval()
+
+
+def random_prompts(n: int, min_len: int, max_len: int, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
+    """Prompts of token ids >= 3, so no prompt holds BOS/EOS/PAD."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+def reference_generate(model, prompt: list[int], **kwargs) -> list[int]:
+    """Stock `generate` on one unpadded prompt; returns the new tokens."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, len(prompt) :].tolist()

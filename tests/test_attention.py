@@ -1,0 +1,56 @@
+"""The PyTorch attention backend against a dense float64 reference, on CPU."""
+
+import pytest
+import torch
+
+from attention_cases import run_case
+from hf_cb.torch_backend import TorchAttentionBackend
+
+PS = 4
+STEPS = {
+    "prefill": ([7, 1, PS, 2 * PS + 1], [7, 1, PS, 2 * PS + 1]),
+    "decode": ([1, 1, 1, 1], [1, PS, PS + 1, 3 * PS - 1]),
+    "mixed": ([1, 5, 1, 2 * PS], [9, 5, PS, 5 * PS]),  # decode rows, a prompt, a later chunk
+}
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_torch_backend_matches_dense_reference(step, heads):
+    q_lens, kv_lens = STEPS[step]
+    backend = TorchAttentionBackend(PS, torch.device("cpu"))
+    err = run_case(
+        backend, q_lens, kv_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=16,
+        page_size=PS, dtype=torch.float32, device="cpu",
+    )
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_sliding_window_and_softcap(step):
+    q_lens, kv_lens = STEPS[step]
+    backend = TorchAttentionBackend(PS, torch.device("cpu"))
+    for window, softcap in [(3, None), (1, None), (None, 5.0), (6, 2.0)]:
+        err = run_case(
+            backend, q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=16, page_size=PS,
+            dtype=torch.float32, device="cpu", sliding_window=window, softcap=softcap, seed=3,
+        )
+        assert err < 1e-5, (window, softcap)
+
+
+def test_reference_would_catch_a_wrong_mask():
+    """The check has teeth: an off-by-one window gives a large error."""
+    q_lens, kv_lens = STEPS["mixed"]
+
+    class OffByOne(TorchAttentionBackend):
+        def plan(self, table):
+            step = super().plan(table)
+            attend = step.attend
+            step.attend = lambda *a, sliding_window=None, **k: attend(*a, sliding_window=4, **k)
+            return step
+
+    err = run_case(
+        OffByOne(PS, torch.device("cpu")), q_lens, kv_lens, num_heads=4, num_kv_heads=2,
+        head_dim=16, page_size=PS, dtype=torch.float32, device="cpu", sliding_window=3,
+    )
+    assert err > 1e-2
