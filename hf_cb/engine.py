@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from itertools import count
 
 import torch
@@ -15,11 +17,13 @@ from tqdm.auto import tqdm
 
 from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
+from .flashinfer_backend import FlashInferBackend
+from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
 from .manager import PageManager
 from .model_runner import ModelRunner
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .torch_backend import TorchAttentionBackend
 
@@ -38,6 +42,13 @@ def layer_windows(model: torch.nn.Module) -> list[int | None]:
     name = type(model).__name__
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelNotSupported(f"{name} is an encoder-decoder model; hf_cb serves decoder-only LMs")
+    layer_types = getattr(config, "layer_types", None) or []
+    unsupported = sorted(set(layer_types) - _ATTENTION_LAYER_TYPES)
+    if unsupported:
+        raise ModelNotSupported(
+            f"{name} has layers of type {unsupported}, which do not attend through the attention "
+            "interface; hf_cb serves full and sliding-window attention layers"
+        )
     if not model.is_backend_compatible():
         raise ModelNotSupported(
             f"{name} does not route attention through transformers' AttentionInterface"
@@ -45,26 +56,58 @@ def layer_windows(model: torch.nn.Module) -> list[int | None]:
     if any(hasattr(m, "sinks") for m in model.modules()):
         raise ModelNotSupported(f"{name} uses attention sinks, which hf_cb does not support")
     num_layers = config.num_hidden_layers
-    layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    if layer_types is None:
+    if not layer_types:
         return [window] * num_layers
-    unsupported = sorted(set(layer_types) - _ATTENTION_LAYER_TYPES)
-    if unsupported:
-        raise ModelNotSupported(
-            f"{name} has layers of type {unsupported}, which do not attend through the attention "
-            "interface; hf_cb serves full and sliding-window attention layers"
-        )
     return [window if t == "sliding_attention" else None for t in layer_types[:num_layers]]
 
 
-def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(layers, KV heads, head size) from the model's text config."""
+@dataclass(frozen=True)
+class AttentionShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def attention_shape(model: torch.nn.Module) -> AttentionShape:
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    return AttentionShape(
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
+                 max_pages_per_seq: int):
+    """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
+    if config.attention_backend == "torch":
+        return TorchAttentionBackend(config.page_size, device)
+    if device.type != "cuda":
+        if config.attention_backend == "flashinfer":
+            raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
+        return TorchAttentionBackend(config.page_size, device)
+    reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
+    if reason:
+        if config.attention_backend == "flashinfer":
+            raise ValueError(reason)
+        warnings.warn(f"hf_cb: using the PyTorch attention backend on CUDA: {reason}", stacklevel=3)
+        return TorchAttentionBackend(config.page_size, device)
+    return FlashInferBackend(
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        page_size=config.page_size,
+        dtype=dtype,
+        device=device,
+        max_num_seqs=config.max_num_seqs,
+        max_num_tokens=config.max_num_batched_tokens,
+        max_num_page_ids=config.max_num_seqs * max_pages_per_seq,
+        prefill_backend=config.prefill_backend,
+    )
 
 
 class LLMEngine:
@@ -74,38 +117,82 @@ class LLMEngine:
         register()
         self.config = config = config or EngineConfig()
         self.model = model
-        windows = layer_windows(model)
-        num_layers, kv_heads, head_dim = kv_shape(model)
+        self.windows = layer_windows(model)
+        self.shape = attention_shape(model)
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = model.device
-        dtype = model.dtype
+        self.dtype = model.dtype
+        self.page_bytes = PagedCache.bytes_per_page(
+            self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
+        )
+        self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_pages_per_seq)
 
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
-
-        num_pages = config.num_pages or self._default_num_pages(num_layers, kv_heads, head_dim, dtype)
-        self.cache = PagedCache(
-            num_layers, num_pages, config.page_size, kv_heads, head_dim, dtype, self.device,
-            sliding_layers=[w is not None for w in windows],
-        )
-        self.manager = PageManager(
-            num_pages, config.page_size, config.max_num_seqs, -(-self.max_model_len // config.page_size)
-        )
-        self.scheduler = Scheduler(config, self.manager)
-        backend = TorchAttentionBackend(config.page_size, self.device)
-        self.runner = ModelRunner(model, self.cache, self.manager, backend)
         self._seq_ids = count()
         self.num_generated_tokens = 0
+
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+        elif self.device.type == "cuda":
+            num_pages = self._profile_num_pages()
+        else:
+            num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
+        self._build(num_pages)
         logger.info(
-            "hf_cb: %d pages of %d tokens (%d tokens of KV cache)",
+            "hf_cb: %d KV pages of %d tokens: %d tokens of KV cache (%.2f GiB), %s attention",
             num_pages, config.page_size, num_pages * config.page_size,
+            num_pages * self.page_bytes / 2**30, type(self.backend).__name__,
         )
 
-    def _default_num_pages(self, num_layers, kv_heads, head_dim, dtype) -> int:
-        per_page = PagedCache.bytes_per_page(num_layers, self.config.page_size, kv_heads, head_dim, dtype)
-        return max(1, min(self.config.cpu_max_pages, self.config.cpu_kv_cache_bytes // per_page))
+    def _build(self, num_pages: int) -> None:
+        """(Re)create the page pool and everything that holds it."""
+        config, shape = self.config, self.shape
+        self.cache = PagedCache(
+            shape.num_layers, num_pages, config.page_size, shape.num_kv_heads, shape.head_dim,
+            self.dtype, self.device, sliding_layers=[w is not None for w in self.windows],
+        )
+        self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq)
+        self.scheduler = Scheduler(config, self.manager)
+        self.runner = ModelRunner(self.model, self.cache, self.manager, self.backend)
+
+    def _profile_num_pages(self) -> int:
+        """Run one worst-case step (``max_num_batched_tokens`` tokens, logits and sampling for
+        ``max_num_seqs`` rows) on a throwaway pool, then give ``memory_utilization`` of the
+        memory that remains beside its peak to pages."""
+        config = self.config
+        rows = min(config.max_num_seqs, config.max_num_batched_tokens)
+        per_row = config.max_num_batched_tokens // rows
+        self._build(rows * -(-per_row // config.page_size))
+        params = SamplingParams(
+            1, do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+            eos_token_ids=(0,), min_new_tokens=1,
+        )
+        seqs = [Sequence(-1 - i, [1] * per_row, params, seed=i) for i in range(rows)]
+        for s in seqs:
+            self.manager.allocate(s.seq_id, per_row)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.runner.run(ScheduledBatch(seqs, [per_row] * rows))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del self.cache, self.manager, self.scheduler, self.runner
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = config.memory_utilization * (free - peak)
+        num_pages = int(budget // self.page_bytes)
+        if num_pages * config.page_size < self.max_model_len:
+            raise RuntimeError(
+                f"hf_cb: only {num_pages} KV pages fit in GPU memory (a worst-case step takes "
+                f"{peak / 2**30:.2f} GiB); lower max_num_batched_tokens or max_num_seqs"
+            )
+        logger.info("hf_cb: a worst-case step peaks at %.2f GiB; %.2f GiB free", peak / 2**30, free / 2**30)
+        return num_pages
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -62,3 +62,21 @@ def reference_generate(model, prompt: list[int], **kwargs) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     return out[0, len(prompt) :].tolist()
+
+
+def word_tokenizer(vocab_size: int = VOCAB):
+    """A word-level fast tokenizer over ``w3 .. w{vocab_size-1}`` plus <pad>/<s>/</s> (ids 0-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def words(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)

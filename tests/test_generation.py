@@ -134,3 +134,18 @@ def test_inputs_as_tensor_batchencoding_and_num_return_sequences():
     )
     assert [o.token_ids for o in outs] == [e for e in expected for _ in range(2)]
     assert [o.prompt_ids for o in outs[::2]] == prompts
+
+
+def test_progress_bar_on_long_batches_off_in_generate(capsys):
+    model, _ = model_and_refs("llama")
+    model.generate_batch_continuous(PROMPTS[:4], max_new_tokens=3, progress=True)
+    err = capsys.readouterr().err
+    assert "hf_cb" in err and "4/4" in err and "tok_s" in err
+    model.generate_batch_continuous(PROMPTS[:4], max_new_tokens=3)  # short batch: no bar by default
+    hf_cb.enable(model)
+    try:
+        ids = torch.tensor([PROMPTS[2][:10]])
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3)
+    finally:
+        hf_cb.disable(model)
+    assert "hf_cb" not in capsys.readouterr().err

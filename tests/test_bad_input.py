@@ -1,0 +1,89 @@
+"""Bad input gets a clear error before any work; afterwards the engine serves, no page leaked."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3NextConfig
+
+import hf_cb
+from conftest import VOCAB, random_prompts, reference_generate, tiny_model
+
+GOOD = random_prompts(3, 5, 30, seed=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=4)
+
+
+def assert_still_serves(model):
+    engine = hf_cb.get_engine(model)
+    assert engine.manager.num_free_pages == engine.manager.num_pages
+    assert not engine.scheduler.has_unfinished()
+    outs = model.generate_batch_continuous(GOOD, max_new_tokens=4, do_sample=False)
+    assert [o.token_ids for o in outs] == [reference_generate(model, p, max_new_tokens=4, do_sample=False) for p in GOOD]
+    assert engine.manager.num_free_pages == engine.manager.num_pages
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, error, message",
+    [
+        ([[5, 6], []], {}, ValueError, "prompt 4 is empty"),
+        ([[5] * 500], {"max_new_tokens": 20}, ValueError, "exceeds the model's context of 512"),
+        ([[5, 6]], {"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+        ([[5, 6]], {"max_new_tokens": -3}, ValueError, "max_new_tokens must be >= 1"),
+        ([[5, 6], [7, VOCAB]], {}, ValueError, f"token id {VOCAB} outside the vocabulary"),
+        ([[5, -1]], {}, ValueError, "token id -1 outside"),
+        ([[5, 6]], {"num_beams": 2}, ValueError, "does not support this generation mode.*num_beams"),
+        ([[5, 6]], {"max_new_tokens": [3, 4]}, ValueError, "max_new_tokens has 2 values for 4 inputs"),
+        ([[5, 6]], {"not_an_argument": 1}, TypeError, "unexpected arguments.*not_an_argument"),
+        (["text without tokenizer"], {}, ValueError, "need tokenizer"),
+    ],
+)
+def test_bad_input_is_refused_and_engine_survives(model, prompts, kwargs, error, message):
+    kwargs.setdefault("max_new_tokens", 4)
+    good_and_bad = GOOD + prompts if not isinstance(prompts[0], str) else prompts
+    with pytest.raises(error, match=message):
+        model.generate_batch_continuous(good_and_bad, do_sample=False, **kwargs)
+    assert_still_serves(model)
+
+
+def test_request_larger_than_the_pool(model):
+    small = hf_cb.EngineConfig(page_size=8, num_pages=4)
+    with pytest.raises(ValueError, match="needs 5 pages .* the page pool has 4"):
+        model.generate_batch_continuous([[5] * 30], max_new_tokens=8, engine_config=small)
+    hf_cb.release(model)
+    assert_still_serves(model)
+
+
+def test_failure_mid_run_frees_everything(model, monkeypatch):
+    engine = hf_cb.get_engine(model)
+    real_forward, calls = engine.runner.forward, []
+
+    def failing_forward(inputs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return real_forward(inputs)
+
+    monkeypatch.setattr(engine.runner, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        model.generate_batch_continuous(GOOD, max_new_tokens=10, do_sample=False)
+    monkeypatch.undo()
+    assert_still_serves(model)
+
+
+def test_unsupported_model_is_refused_when_the_engine_is_built():
+    config = Qwen3NextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, layer_types=["linear_attention", "full_attention"], num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(hf_cb.ModelNotSupported, match="linear_attention"):
+        model.generate_batch_continuous([[5, 6]], max_new_tokens=2)
+
+
+def test_paged_cache_outside_a_step_is_an_error():
+    cache = hf_cb.PagedCache(1, 2, 4, 2, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="only inside an hf_cb engine step"):
+        cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
