@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import weakref
 
+import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -19,6 +22,9 @@ from transformers import (
 import hf_cb
 
 VOCAB = 512
+# HF_CB_TEST_DEVICE=cuda runs the CPU suite on a GPU (float32 models: the PyTorch backend).
+DEVICE = os.environ.get("HF_CB_TEST_DEVICE", "cpu")
+_models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _COMMON = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -45,10 +51,23 @@ MODEL_CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = DEVICE):
+    return model_from_config(MODEL_CONFIGS[name](), seed, dtype, device)
+
+
+def model_from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = DEVICE):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(MODEL_CONFIGS[name](), dtype=dtype)
-    return model.to(device).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    _models.add(model)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _release_engines():
+    """Each test starts without engines (on CUDA each would hold most of the free memory)."""
+    yield
+    for model in list(_models):
+        hf_cb.release(model)
 
 
 def random_prompts(n: int, min_len: int, max_len: int, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:

@@ -1,0 +1,134 @@
+"""GPU tests: FlashInfer kernels and the engine in bf16/fp16 (skipped without CUDA and FlashInfer).
+
+In half precision the kernels round differently from Transformers' SDPA, so greedy outputs are
+checked teacher-forced: every chosen token's logit under the plain HF forward over the produced
+sequence must be within `LOGIT_TOL` of that position's maximum.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen3Config
+
+import hf_cb
+from attention_cases import run_case
+from conftest import model_from_config, random_prompts
+from hf_cb.flashinfer_backend import FlashInferBackend
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("flashinfer") is None,
+        reason="needs a CUDA GPU and FlashInfer",
+    ),
+]
+
+PS = 16
+# Row lengths straddle page boundaries (PS - 1, PS, PS + 1, multiples).
+STEPS = {
+    "prefill": ([PS - 1, PS, PS + 1, 3 * PS, 100], [PS - 1, PS, PS + 1, 3 * PS, 100]),
+    "decode": ([1] * 6, [1, PS - 1, PS, PS + 1, 2 * PS, 300]),
+    "mixed": ([1, 37, 1, PS, 5], [PS, 37, 2 * PS + 1, 4 * PS, 70]),
+}
+# Relative error of one attention step against float64 (bf16 has an 8-bit mantissa).
+ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Teacher-forced tolerance: chosen logit >= max logit - LOGIT_TOL * (max - min) of that row.
+LOGIT_TOL = 0.02
+
+
+def flashinfer_backend(head_dim, heads, dtype):
+    return FlashInferBackend(
+        num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, page_size=PS, dtype=dtype,
+        device=torch.device("cuda"), max_num_seqs=8, max_num_tokens=4096, max_num_page_ids=4096,
+    )
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_flashinfer_step_matches_float64_reference(step, heads, head_dim, dtype):
+    q_lens, kv_lens = STEPS[step]
+    err = run_case(
+        flashinfer_backend(head_dim, heads, dtype), q_lens, kv_lens, num_heads=heads[0],
+        num_kv_heads=heads[1], head_dim=head_dim, page_size=PS, dtype=dtype, device="cuda",
+    )
+    assert err < ATTN_TOL[dtype]
+
+
+def tiny_gpu_model(kind: str, dtype):
+    common = dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if kind == "llama":  # head_dim 64
+        config = LlamaConfig(**common)
+    else:  # qwen3, head_dim 128
+        config = Qwen3Config(**common, head_dim=128)
+    return model_from_config(config, seed=7, dtype=dtype, device="cuda")
+
+
+def teacher_forced_gaps(model, prompt, tokens):
+    """For each produced token: (max logit - chosen logit) / (max - min), under the plain forward."""
+    full = torch.tensor([prompt + tokens], device="cuda")
+    with torch.no_grad():
+        logits = model(full).logits[0, len(prompt) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+    top, bottom = logits.max(-1).values, logits.min(-1).values
+    return ((top - chosen) / (top - bottom)).tolist()
+
+
+PROMPTS = random_prompts(56, 1, 400, seed=11, vocab=1024)
+MAX_NEW = [(i * 7) % 48 + 1 for i in range(len(PROMPTS))]
+ENGINES = {
+    "default": hf_cb.EngineConfig(),
+    "preempt-chunked": hf_cb.EngineConfig(num_pages=64, max_num_seqs=12, max_num_batched_tokens=96),
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_greedy_outputs_are_teacher_forced_argmax(kind, dtype, engine):
+    model = tiny_gpu_model(kind, dtype)
+    outs = model.generate_batch_continuous(
+        PROMPTS, max_new_tokens=MAX_NEW, do_sample=False, engine_config=ENGINES[engine]
+    )
+    eng = hf_cb.get_engine(model)
+    assert type(eng.backend).__name__ == "FlashInferBackend"
+    if engine != "default":
+        assert eng.scheduler.num_preemptions > 0
+    worst = 0.0
+    for prompt, out, n in zip(PROMPTS, outs, MAX_NEW):
+        assert 1 <= len(out.token_ids) <= n
+        worst = max(worst, *teacher_forced_gaps(model, prompt, out.token_ids))
+    print(f"{kind} {dtype} {engine}: worst teacher-forced gap {worst:.4f}")
+    assert worst <= LOGIT_TOL
+    assert eng.manager.num_free_pages == eng.manager.num_pages
+
+
+def test_teacher_forced_check_catches_wrong_tokens():
+    model = tiny_gpu_model("llama", torch.bfloat16)
+    prompt = PROMPTS[5]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
+    wrong = [int(logits.argsort()[len(logits) // 2])]  # a median token, not the argmax
+    assert max(teacher_forced_gaps(model, prompt, wrong)) > LOGIT_TOL
+
+
+def test_cuda_pool_is_sized_from_free_memory():
+    model = tiny_gpu_model("llama", torch.bfloat16)
+    engine = hf_cb.get_engine(model)
+    free, total = torch.cuda.mem_get_info()
+    pool_bytes = engine.manager.num_pages * engine.page_bytes
+    assert pool_bytes > 0.5 * total * 0.9 - (total - free)  # most of the card went to pages
+    assert free > 0.05 * total  # and headroom stayed free
+
+
+def test_fp32_on_cuda_falls_back_to_torch_backend_with_a_warning():
+    model = tiny_gpu_model("llama", torch.float32)
+    with pytest.warns(UserWarning, match="PyTorch attention backend on CUDA: FlashInfer has no torch.float32"):
+        engine = hf_cb.get_engine(model, hf_cb.EngineConfig(num_pages=256))
+    assert type(engine.backend).__name__ == "TorchAttentionBackend"
