@@ -26,6 +26,9 @@ class EngineConfig:
             the dtype and head size, the PyTorch backend otherwise.
         prefill_backend: FlashInfer prefill kernels, ``"fa2"`` or ``"fa3"``.
         cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
+        async_scheduling: prepare step n+1 while the device runs step n; an EOS is then seen
+            one step late (the extra token is dropped). Off for requests with a repetition
+            penalty, which needs every token on the host.
         cpu_kv_cache_bytes / cpu_max_pages: the bounded default pool off CUDA.
     """
 
@@ -38,6 +41,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"
     prefill_backend: Literal["fa2", "fa3"] = "fa2"
     cuda_graphs: bool = True
+    async_scheduling: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
     cpu_max_pages: int = 4096
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import count
 
 import torch
@@ -17,10 +18,11 @@ from tqdm.auto import tqdm
 
 from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .flashinfer_backend import FlashInferBackend
 from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
 from .manager import PageManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepHandle
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -110,6 +112,21 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
     )
 
 
+@dataclass
+class StepStats:
+    """Where the host's time goes: ``host_s`` scheduling, preparing and launching steps and
+    reading their results; ``wait_s`` blocked on the device for sampled tokens."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    host_s: float = 0.0
+    wait_s: float = 0.0
+
+    def summary(self) -> dict:
+        per_step = max(self.steps, 1) * 1e-3
+        return {**asdict(self), "host_ms_per_step": self.host_s / per_step, "wait_ms_per_step": self.wait_s / per_step}
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one Transformers causal LM."""
 
@@ -134,6 +151,7 @@ class LLMEngine:
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
         self.num_generated_tokens = 0
+        self.stats = StepStats()
 
         if config.num_pages is not None:
             num_pages = config.num_pages
@@ -142,6 +160,8 @@ class LLMEngine:
         else:
             num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
         self._build(num_pages)
+        if config.cuda_graphs and isinstance(self.backend, FlashInferBackend):
+            self._capture_graphs()
         logger.info(
             "hf_cb: %d KV pages of %d tokens: %d tokens of KV cache (%.2f GiB), %s attention",
             num_pages, config.page_size, num_pages * config.page_size,
@@ -157,7 +177,20 @@ class LLMEngine:
         )
         self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq)
         self.scheduler = Scheduler(config, self.manager)
-        self.runner = ModelRunner(self.model, self.cache, self.manager, self.backend)
+        self.runner = ModelRunner(
+            self.model, self.cache, self.manager, self.backend,
+            max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        )
+
+    def _capture_graphs(self) -> None:
+        start = time.perf_counter()
+        graphs = DecodeGraphs(
+            self.model, self.cache, self.backend, self.config.max_num_seqs,
+            self.config.max_num_seqs * self.max_pages_per_seq,
+        )
+        graphs.capture()
+        self.runner.graphs = graphs
+        logger.info("hf_cb: captured %d decode graphs in %.1f s", len(graphs.sizes), time.perf_counter() - start)
 
     def _profile_num_pages(self) -> int:
         """Run one worst-case step (``max_num_batched_tokens`` tokens, logits and sampling for
@@ -165,7 +198,7 @@ class LLMEngine:
         memory that remains beside its peak to pages."""
         config = self.config
         rows = min(config.max_num_seqs, config.max_num_batched_tokens)
-        per_row = config.max_num_batched_tokens // rows
+        per_row = min(config.max_num_batched_tokens // rows, self.max_model_len)
         self._build(rows * -(-per_row // config.page_size))
         params = SamplingParams(
             1, do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
@@ -226,32 +259,64 @@ class LLMEngine:
 
     # -- running -----------------------------------------------------------------------------
 
-    def step(self) -> list[Sequence]:
-        """Schedule and run one step; return the sequences it finished."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("hf_cb: no request could be scheduled (page pool too small?)")
-        tokens = self.runner.run(batch)
-        self.num_generated_tokens += sum(t is not None for t in tokens)
-        return self.scheduler.postprocess(batch, tokens)
-
-    def run(self, seqs: list[Sequence], progress: bool = False) -> None:
-        """Step until every queued sequence is done. On any error (Ctrl-C included) the queue
-        is dropped and its pages freed, so the engine stays usable."""
+    def run(self, seqs: list[Sequence], progress: bool = False, on_step: Callable[[], None] | None = None) -> None:
+        """Step until every queued sequence is done. With ``async_scheduling`` the host schedules
+        and launches step n+1 before it reads step n's tokens. On any error (Ctrl-C included)
+        the queue is dropped and its pages freed, so the engine stays usable. ``on_step`` is
+        called after every step (profilers hook in there)."""
+        overlap = self.config.async_scheduling and all(s.params.repetition_penalty == 1.0 for s in seqs)
         bar = tqdm(total=len(seqs), disable=not progress, unit="req", desc="hf_cb")
         start, generated_before = time.perf_counter(), self.num_generated_tokens
+
+        def resolve(handle: StepHandle) -> None:
+            done = self._resolve(handle)
+            if done:
+                rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
+                bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+                bar.update(len(done))
+
+        prev: StepHandle | None = None
         try:
-            while self.scheduler.has_unfinished():
-                finished = self.step()
-                if finished:
-                    rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
-                    bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
-                    bar.update(len(finished))
+            while self.scheduler.has_unfinished() or prev is not None:
+                handle = self._launch_next(prev)
+                if prev is not None:
+                    resolve(prev)
+                prev = handle
+                if not overlap and prev is not None:
+                    resolve(prev)
+                    prev = None
+                if on_step is not None:
+                    on_step()
         except BaseException:
             self.scheduler.abort_all()
             raise
         finally:
             bar.close()
+
+    def _launch_next(self, prev: StepHandle | None) -> StepHandle | None:
+        """Schedule and launch the next step (None when nothing can run until ``prev`` resolves)."""
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if prev is None:
+                raise RuntimeError("hf_cb: no request could be scheduled (page pool too small?)")
+            return None
+        handle = self.runner.launch(batch, prev)
+        self.scheduler.on_launch(batch)
+        self.stats.steps += 1
+        self.stats.decode_steps += batch.is_decode
+        self.stats.host_s += time.perf_counter() - start
+        return handle
+
+    def _resolve(self, handle: StepHandle) -> list[Sequence]:
+        start = time.perf_counter()
+        tokens = self.runner.wait(handle)
+        waited = time.perf_counter()
+        done = self.scheduler.resolve(handle.batch, tokens)
+        self.num_generated_tokens += len(tokens)
+        self.stats.wait_s += waited - start
+        self.stats.host_s += time.perf_counter() - waited
+        return done
 
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .manager import PageTable
+from .staging import Staging
 
 WORKSPACE_BYTES = 128 << 20
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,23 +33,6 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int) -> str | None:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"FlashInfer has no kernels for head_dim {head_dim} (64, 128 and 256 only)"
     return None
-
-
-class _Staging:
-    """Pinned host buffers and their device twins, reused from step to step."""
-
-    def __init__(self, sizes: dict[str, int], device: torch.device):
-        self.host = {k: torch.zeros(n, dtype=torch.int32, pin_memory=True) for k, n in sizes.items()}
-        self.device = {k: torch.zeros(n, dtype=torch.int32, device=device) for k, n in sizes.items()}
-
-    def put(self, name: str, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy ``array`` into the pinned buffer and, asynchronously, to the device."""
-        n = len(array)
-        host = self.host[name][:n]
-        host.numpy()[:] = array
-        dev = self.device[name][:n]
-        dev.copy_(host, non_blocking=True)
-        return host, dev
 
 
 class FlashInferBackend:
@@ -72,17 +56,19 @@ class FlashInferBackend:
         # Tensor-core decode pays off for wide GQA groups (vLLM's rule).
         self.use_tensor_cores = num_heads // num_kv_heads > 4
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.staging = _Staging(
-            {
-                "qo_indptr": max_num_seqs + 1,
-                "kv_indptr": max_num_seqs + 1,
-                "kv_indices": max_num_page_ids,
-                "kv_last_page_len": max_num_seqs,
-                "token_rows": max_num_tokens,
-                "positions": max_num_tokens,
-            },
+        i32 = torch.int32
+        self.staging = Staging(
             device,
+            {
+                "qo_indptr": (max_num_seqs + 1, i32),
+                "kv_indptr": (max_num_seqs + 1, i32),
+                "kv_indices": (max_num_page_ids, i32),
+                "kv_last_page_len": (max_num_seqs, i32),
+                "token_rows": (max_num_tokens, i32),
+                "positions": (max_num_tokens, i32),
+            },
         )
+        self.new_kinds = False  # set when a step met a kind of layer no earlier plan() covered
         self._prefill: dict[Kind, object] = {}
         self._decode: dict[Kind, object] = {}
 
@@ -137,6 +123,7 @@ class FlashInferStep:
         wrappers = b._wrappers(self.is_decode)
         if kind not in wrappers:
             wrappers[kind] = b.new_wrapper(self.is_decode)
+            b.new_kinds = True
         wrapper = wrappers[kind]
         sliding_window, softcap, scaling = kind
         options = dict(

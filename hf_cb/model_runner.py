@@ -1,4 +1,10 @@
-"""One step on the model: pack the scheduled rows, run the model's own forward, sample."""
+"""One step on the model: pack the scheduled rows, run the model's own forward, sample.
+
+`launch` enqueues a step and returns at once with a `StepHandle`; `wait` reads its sampled
+tokens, the step's one device-to-host copy. Inputs of decode rows whose previous token is still
+pending on the device are filled in there from the previous step's tokens, so the host can
+prepare step n+1 while the device runs step n.
+"""
 
 from __future__ import annotations
 
@@ -9,87 +15,177 @@ import numpy as np
 import torch
 
 from .attention_interface import STEP_KWARG, AttentionStep
-from .manager import PageManager
+from .cuda_graphs import DecodeGraphs
+from .manager import PageManager, PageTable
 from .paged_cache import PagedCache
-from .sampling import make_sampling_batch, sample
+from .sampling import SamplingBatch, make_sampling_batch, sample
 from .scheduler import ScheduledBatch
+from .sequence import PENDING
+from .staging import Staging
 
 
 @dataclass
 class StepInputs:
     """The packed tensors of one forward: a single row of ``T`` tokens."""
 
-    input_ids: torch.Tensor  # [1, T]
-    position_ids: torch.Tensor  # [1, T]
-    logits_indices: torch.Tensor  # [S]: the last token of each sampling row
-    sample_rows: list[int]  # which rows of the batch sample a token
-    step: AttentionStep
+    table: PageTable
+    input_ids: np.ndarray  # [T], pending tokens as 0
+    pending_dst: torch.Tensor | None  # positions in input_ids filled on the device...
+    pending_src: torch.Tensor | None  # ...from these rows of the previous step's tokens
+    logits_indices: np.ndarray  # [S]: the last token of each sampling row
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampled tokens (sample-row order) on the device and, once `event`
+    has fired, in ``host_tokens``."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    event: torch.cuda.Event | None
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedCache, manager: PageManager, backend):
+    def __init__(self, model: torch.nn.Module, cache: PagedCache, manager: PageManager, backend,
+                 max_num_tokens: int, max_num_seqs: int, graphs: DecodeGraphs | None = None):
         self.model = model
         self.cache = cache
         self.manager = manager
         self.backend = backend
+        self.graphs = graphs
         self.device = model.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.on_cuda = self.device.type == "cuda"
+        i64 = torch.int64
+        self.staging = Staging(self.device, {
+            "input_ids": (max_num_tokens, i64), "positions": (max_num_tokens, i64),
+            "logits_indices": (max_num_seqs, i64),
+            "pending_dst": (max_num_seqs, i64), "pending_src": (max_num_seqs, i64),
+        })
         # A 4-D mask makes the model skip all mask construction; the step does the masking.
         self._mask_sentinel = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        # Pinned buffers are rewritten only after the copies of the previous step have run.
+        self._inputs_copied = torch.cuda.Event() if self.on_cuda else None
+        self._host_tokens = [self._new_host_tokens(max_num_seqs) for _ in range(2)]
+        self._parity = 0
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def _new_host_tokens(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.int64, pin_memory=self.on_cuda)
+
+    # -- preparing ---------------------------------------------------------------------------
+
+    def prepare(self, batch: ScheduledBatch, prev: StepHandle | None) -> StepInputs:
         seqs, num_new = batch.seqs, batch.num_new_tokens
         num_cached = [s.num_cached_tokens for s in seqs]
         table = self.manager.build([s.seq_id for s in seqs], num_cached, num_new)
         tokens = chain.from_iterable(s.token_ids[c : c + n] for s, c, n in zip(seqs, num_cached, num_new))
         input_ids = np.fromiter(tokens, dtype=np.int64, count=table.num_tokens)
-        sample_rows = [row for row in range(len(seqs)) if batch.samples(row)]
-        logits_indices = table.qo_indptr[1:][sample_rows].astype(np.int64) - 1
-        return StepInputs(
-            input_ids=self._to_device(input_ids)[None],
-            position_ids=self._to_device(table.positions)[None],
-            logits_indices=self._to_device(logits_indices),
-            sample_rows=sample_rows,
-            step=self.backend.plan(table),
-        )
+        pending_dst = pending_src = None
+        dst = np.flatnonzero(input_ids == PENDING)
+        if len(dst):
+            if prev is None:
+                raise RuntimeError("hf_cb: a pending token with no step in flight")
+            src = np.fromiter((seqs[r].pending_src for r in table.token_rows[dst]), np.int64, len(dst))
+            input_ids[dst] = 0
+            pending_dst = self.staging.put("pending_dst", dst)[1]
+            pending_src = self.staging.put("pending_src", src)[1]
+        logits_indices = table.qo_indptr[1:][batch.sample_rows].astype(np.int64) - 1
+        return StepInputs(table, input_ids, pending_dst, pending_src, logits_indices)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+    # -- running -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits ``[S, V]`` of the sampling rows."""
-        self.cache.step = inputs.step
-        try:
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                attention_mask=self._mask_sentinel,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=inputs.logits_indices,
-                **{STEP_KWARG: inputs.step},
+    def launch(self, batch: ScheduledBatch, prev: StepHandle | None) -> StepHandle:
+        """Enqueue one step; returns without waiting for the device."""
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
+        inputs = self.prepare(batch, prev)
+        sampling = self._sampling_batch(batch)
+        prev_tokens = prev.tokens if prev is not None else None
+        graph_size = self.graphs.size_for(len(batch.seqs)) if self.graphs is not None and batch.is_decode else None
+        if graph_size is not None:
+            size = self.graphs.prepare(
+                inputs.table, inputs.input_ids, inputs.pending_dst, inputs.pending_src, prev_tokens
             )
+            self._record_inputs_copied()
+            tokens, logits = self.graphs.replay(size, len(batch.seqs))
+            if not _is_greedy(sampling):
+                tokens = sample(logits.float(), sampling)
+        else:
+            logits = self._forward_eager(inputs, prev_tokens)
+            tokens = sample(logits.float(), sampling)
+        return self._read_back(batch, tokens)
+
+    def _forward_eager(self, inputs: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[S, V]`` of the sampling rows, from the model's own forward."""
+        put = self.staging.put
+        input_ids = put("input_ids", inputs.input_ids)[1]
+        if inputs.pending_dst is not None:
+            input_ids = input_ids.index_copy(0, inputs.pending_dst, prev_tokens.index_select(0, inputs.pending_src))
+        position_ids = put("positions", inputs.table.positions)[1]
+        logits_indices = put("logits_indices", inputs.logits_indices)[1]
+        step = self.backend.plan(inputs.table)
+        self._record_inputs_copied()
+        self.cache.step = step
+        try:
+            with torch.no_grad():
+                out = self.model(
+                    input_ids=input_ids[None],
+                    position_ids=position_ids[None],
+                    attention_mask=self._mask_sentinel,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=logits_indices,
+                    **{STEP_KWARG: step},
+                )
         finally:
             self.cache.step = None
+        if getattr(self.backend, "new_kinds", False):
+            # A kind of layer was planned inside the forward, after the copy event: let those
+            # copies finish before the pinned buffers are rewritten (first steps only).
+            torch.cuda.synchronize(self.device)
+            self.backend.new_kinds = False
         return out.logits[0]
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; return the sampled token of each row (None for a mid-prompt chunk)."""
-        inputs = self.prepare(batch)
-        logits = self.forward(inputs)
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        if not inputs.sample_rows:
-            return tokens
-        seqs = [batch.seqs[r] for r in inputs.sample_rows]
-        sampling = make_sampling_batch(
+    def _record_inputs_copied(self) -> None:
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
+
+    def _sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
+        seqs = [batch.seqs[r] for r in batch.sample_rows]
+        return make_sampling_batch(
             [s.params for s in seqs],
             [s.seed for s in seqs],
             [s.token_ids for s in seqs],
             [s.num_generated for s in seqs],
-            logits.shape[-1],
+            self.vocab_size,
             self.device,
         )
-        for row, token in zip(inputs.sample_rows, sample(logits.float(), sampling).tolist()):
-            tokens[row] = token
-        return tokens
+
+    def _read_back(self, batch: ScheduledBatch, tokens: torch.Tensor) -> StepHandle:
+        n = len(tokens)
+        self._parity ^= 1
+        host = self._host_tokens[self._parity]
+        if len(host) < n:
+            host = self._host_tokens[self._parity] = self._new_host_tokens(n)
+        host = host[:n]
+        host.copy_(tokens, non_blocking=self.on_cuda)
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(batch, tokens, host, event)
+
+    def wait(self, handle: StepHandle) -> list[int]:
+        """The step's sampled tokens, in sample-row order (the one sync of a step)."""
+        if handle.event is not None:
+            handle.event.synchronize()
+        return handle.host_tokens.tolist()
+
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Launch one step and wait for it (no overlap)."""
+        return self.wait(self.launch(batch, None))
+
+
+def _is_greedy(batch: SamplingBatch) -> bool:
+    return batch.do_sample is None and batch.penalty is None and batch.ban_eos is None

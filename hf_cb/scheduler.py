@@ -9,7 +9,8 @@ preempted: their pages are freed and they are recomputed later from their tokens
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from .config import EngineConfig
 from .manager import PageManager
@@ -22,6 +23,7 @@ class ScheduledBatch:
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    pending_index: list[int] = field(default_factory=list)  # where each sampled token went
 
     @property
     def num_tokens(self) -> int:
@@ -35,10 +37,14 @@ class ScheduledBatch:
             for s, n in zip(self.seqs, self.num_new_tokens)
         )
 
-    def samples(self, row: int) -> bool:
-        """Whether row ``row`` reaches the end of its tokens, so its logits pick a new token."""
-        seq = self.seqs[row]
-        return seq.num_cached_tokens + self.num_new_tokens[row] == seq.num_tokens
+    @cached_property
+    def sample_rows(self) -> list[int]:
+        """Rows that reach the end of their tokens, so their logits pick a new token. (Read
+        before the step is launched: launching advances the sequences.)"""
+        return [
+            row for row, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))
+            if s.num_cached_tokens + n == s.num_tokens
+        ]
 
 
 class Scheduler:
@@ -108,20 +114,42 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int | None]) -> list[Sequence]:
-        """Record a step's progress and sampled tokens; return the sequences it finished."""
-        finished = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, tokens):
+    def on_launch(self, batch: ScheduledBatch) -> None:
+        """A step was launched: its fed tokens are cached now, and each sampling row gets a
+        pending token. Sequences that reach ``max_new_tokens`` finish here; their pages can go
+        to the next step at once, since it runs after this one on the device."""
+        sample_rows = batch.sample_rows
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_cached_tokens += n
-            if token is not None and seq.append_token(token):
-                self.finish(seq)
-                finished.append(seq)
+        finished = False
+        for k, row in enumerate(sample_rows):
+            seq = batch.seqs[row]
+            batch.pending_index.append(seq.num_tokens)
+            seq.append_pending(k)
+            if seq.finish_reason == "length":
+                self._finish(seq)
+                finished = True
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
-        return finished
 
-    def finish(self, seq: Sequence) -> None:
-        """Mark a sequence finished and give its pages back."""
+    def resolve(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
+        """Fill in a launched step's sampled tokens; return the sequences now done."""
+        done, finished = [], False
+        for row, index, token in zip(batch.sample_rows, batch.pending_index, tokens):
+            seq = batch.seqs[row]
+            was_done = seq.is_done
+            if seq.resolve(index, token) and not seq.is_finished:
+                self._finish(seq)
+                finished = True
+            if seq.is_done and not was_done:
+                done.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+            if any(s.is_finished for s in self.waiting):  # finished while preempted
+                self.waiting = deque(s for s in self.waiting if not s.is_finished)
+        return done
+
+    def _finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
         self.manager.free(seq.seq_id)
 
@@ -129,7 +157,7 @@ class Scheduler:
         """Drop every queued and running sequence, freeing their pages."""
         dropped = list(self.running) + list(self.waiting)
         for seq in dropped:
-            self.finish(seq)
+            self._finish(seq)
         self.running.clear()
         self.waiting.clear()
         return dropped

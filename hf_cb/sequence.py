@@ -9,6 +9,7 @@ from typing import Literal
 from .sampling import SamplingParams
 
 FinishReason = Literal["stop", "length"]
+PENDING = -1  # a token sampled on the device whose value the host has not read yet
 
 
 class SequenceStatus(Enum):
@@ -24,6 +25,10 @@ class Sequence:
     ``token_ids[num_cached_tokens:]`` is what the next step must feed; once that is fed, the
     step's logits give the next token. After a preemption ``num_cached_tokens`` drops to 0 and
     the prompt and the tokens generated so far are recomputed.
+
+    With overlapped scheduling a sampled token is first appended as `PENDING` (its value is
+    still on the device; ``pending_src`` is its row in that step's sampled tokens) and filled in
+    by `resolve` one step later; an EOS found then truncates what was appended after it.
     """
 
     seq_id: int
@@ -35,6 +40,8 @@ class Sequence:
     num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    num_pending: int = 0
+    pending_src: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -60,15 +67,33 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> bool:
-        """Add a sampled token; return True when the sequence is now finished."""
-        self.token_ids.append(token_id)
-        # EOS cannot arrive before min_new_tokens: the sampler bans it until then.
-        if token_id in self.params.eos_token_ids:
-            self.finish_reason = "stop"
-        elif self.num_generated >= self.params.max_new_tokens:
+    @property
+    def is_done(self) -> bool:
+        """Finished, and every token's value known."""
+        return self.is_finished and self.num_pending == 0
+
+    def append_pending(self, src: int) -> None:
+        """A token was sampled (row ``src`` of its step's tokens); finish on length."""
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+        self.pending_src = src
+        if self.num_generated >= self.params.max_new_tokens:
             self.finish_reason = "length"
-        return self.finish_reason is not None
+
+    def resolve(self, index: int, token_id: int) -> bool:
+        """Fill in the pending token at ``index``; return True if it is an EOS that ends the
+        sequence. Tokens appended after an EOS are dropped."""
+        if index >= len(self.token_ids):  # appended after an EOS, already dropped
+            return False
+        self.token_ids[index] = token_id
+        self.num_pending -= 1
+        # EOS cannot arrive before min_new_tokens: the sampler bans it until then.
+        if token_id not in self.params.eos_token_ids:
+            return False
+        self.num_pending -= len(self.token_ids) - index - 1
+        del self.token_ids[index + 1 :]
+        self.finish_reason = "stop"
+        return True
 
 
 @dataclass

@@ -57,15 +57,15 @@ def test_request_larger_than_the_pool(model):
 
 def test_failure_mid_run_frees_everything(model, monkeypatch):
     engine = hf_cb.get_engine(model)
-    real_forward, calls = engine.runner.forward, []
+    real_launch, calls = engine.runner.launch, []
 
-    def failing_forward(inputs):
+    def failing_launch(batch, prev):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated failure")
-        return real_forward(inputs)
+        return real_launch(batch, prev)
 
-    monkeypatch.setattr(engine.runner, "forward", failing_forward)
+    monkeypatch.setattr(engine.runner, "launch", failing_launch)
     with pytest.raises(RuntimeError, match="simulated failure"):
         model.generate_batch_continuous(GOOD, max_new_tokens=10, do_sample=False)
     monkeypatch.undo()

@@ -17,6 +17,9 @@ ENGINES = {
     "default": hf_cb.EngineConfig(),
     # fewer slots than requests, chunked prefill, and a pool so small that requests are preempted
     "tight": hf_cb.EngineConfig(page_size=8, num_pages=30, max_num_seqs=6, max_num_batched_tokens=48),
+    "tight-sync": hf_cb.EngineConfig(
+        page_size=8, num_pages=30, max_num_seqs=6, max_num_batched_tokens=48, async_scheduling=False
+    ),
 }
 
 _refs: dict[str, tuple] = {}
@@ -45,7 +48,7 @@ def test_generate_batch_continuous_equals_generate(name, engine):
         assert o.prompt_ids == p
         assert o.finish_reason == ("stop" if ref[-1] == 2 and len(ref) <= n else "length")
     stats = hf_cb.get_engine(model).scheduler
-    if engine == "tight":
+    if engine.startswith("tight"):
         assert stats.num_preemptions > 0, "the tight pool should have forced preemption"
     assert hf_cb.get_engine(model).manager.num_free_pages == hf_cb.get_engine(model).manager.num_pages
 

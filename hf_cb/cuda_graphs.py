@@ -1,0 +1,184 @@
+"""Decode steps replayed from CUDA graphs: the performance layer, apart from the plain path.
+
+One graph per bucketed batch size covers the model's own forward (the KV append and FlashInfer
+decode attention of every layer) and greedy sampling. Before each replay the rows are padded to
+the bucket (padded rows hold one token on the scratch page, so they read and write only there)
+and the decode wrappers, built with ``use_cuda_graph=True`` over fixed index buffers, are
+planned outside the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attention_interface import STEP_KWARG
+from .flashinfer_backend import FlashInferBackend, Kind
+from .manager import PageTable
+from .paged_cache import PagedCache
+from .staging import Staging
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, 16, then every 16 up to ``max_batch`` (which is always included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, cache: PagedCache, backend: FlashInferBackend,
+                 max_batch: int, max_num_page_ids: int):
+        self.model, self.cache, self.backend = model, cache, backend
+        self.sizes = graph_batch_sizes(max_batch)
+        dev = backend.device
+        B = self.sizes[-1]
+        i32, i64 = torch.int32, torch.int64
+        # Fixed buffers the graphs read; each step's values are copied in before replay.
+        self.input_ids = torch.zeros(1, B, dtype=i64, device=dev)
+        self.position_ids = torch.zeros(1, B, dtype=i64, device=dev)
+        self.positions = torch.zeros(B, dtype=i32, device=dev)
+        self.token_rows = torch.arange(B, dtype=i32, device=dev)
+        self.kv_indptr = torch.zeros(B + 1, dtype=i32, device=dev)
+        self.kv_indices = torch.zeros(max_num_page_ids + B, dtype=i32, device=dev)
+        self.kv_last_page_len = torch.zeros(B, dtype=i32, device=dev)
+        self.staging = Staging(dev, {
+            "input_ids": (B, i64), "positions": (B, i64),
+            "kv_indptr": (B + 1, i32), "kv_indices": (max_num_page_ids + B, i32), "kv_last_page_len": (B, i32),
+        })
+        self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.steps: dict[int, GraphDecodeStep] = {}
+        self.pool = None
+
+    def size_for(self, batch_size: int) -> int | None:
+        return next((b for b in self.sizes if b >= batch_size), None)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so that smaller graphs reuse its memory pool."""
+        for b in reversed(self.sizes):
+            step = self.steps[b] = GraphDecodeStep(self, b)
+            self._stage(step, *self._dummy_rows(b))
+            self._forward(step)  # eager warm-up: finds the layer kinds, builds their wrappers
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(step)
+                self.tokens[b] = logits.argmax(dim=-1)
+            self.pool = graph.pool()
+            self.graphs[b], self.logits[b] = graph, logits
+        torch.cuda.synchronize()
+
+    def _dummy_rows(self, b: int):
+        """Every row one token at position 0 of the scratch page."""
+        scratch = self.cache.scratch_page
+        return (np.zeros(b, np.int64), np.zeros(b, np.int64), np.arange(b + 1, dtype=np.int32),
+                np.full(b, scratch, np.int32), np.ones(b, np.int32))
+
+    def _forward(self, step: "GraphDecodeStep") -> torch.Tensor:
+        b = step.batch_size
+        self.cache.step = step
+        try:
+            out = self.model(
+                input_ids=self.input_ids[:, :b],
+                position_ids=self.position_ids[:, :b],
+                attention_mask=self._mask,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=0,
+                **{STEP_KWARG: step},
+            )
+        finally:
+            self.cache.step = None
+        return out.logits[0]
+
+    def _stage(self, step, input_ids, positions, kv_indptr, kv_indices, kv_last_page_len) -> None:
+        """Copy a step's rows into the fixed buffers and plan the bucket's wrappers."""
+        b = step.batch_size
+        put = self.staging.put
+        self.input_ids[0, :b].copy_(put("input_ids", input_ids)[1])
+        pos = put("positions", positions)[1]
+        self.position_ids[0, :b].copy_(pos)
+        self.positions[:b].copy_(pos)
+        step.host_indptr = put("kv_indptr", kv_indptr)[0]
+        step.dev_indices = put("kv_indices", kv_indices)[1]
+        step.host_last = put("kv_last_page_len", kv_last_page_len)[0]
+        for kind in step.wrappers:
+            step.plan(kind)
+
+    def prepare(self, table: PageTable, input_ids: np.ndarray, pending_dst: torch.Tensor | None,
+                pending_src: torch.Tensor | None, prev_tokens: torch.Tensor | None) -> int:
+        """Stage a decode step of ``table.num_rows`` rows into the fixed buffers of its bucket
+        and plan; pending input tokens are filled from ``prev_tokens`` on the device. Returns
+        the bucket to `replay`."""
+        n = table.num_rows
+        b = self.size_for(n)
+        pad = b - n
+        self._stage(
+            self.steps[b],
+            np.concatenate([input_ids, np.zeros(pad, np.int64)]),
+            np.concatenate([table.positions, np.zeros(pad, np.int64)]),
+            np.concatenate([table.kv_indptr, table.kv_indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+            np.concatenate([table.kv_indices, np.full(pad, self.cache.scratch_page, np.int32)]),
+            np.concatenate([table.kv_last_page_len, np.ones(pad, np.int32)]),
+        )
+        if pending_dst is not None:
+            self.input_ids[0].index_copy_(0, pending_dst, prev_tokens.index_select(0, pending_src))
+        return b
+
+    def replay(self, size: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the bucket's graph; (greedy tokens, logits) of the real rows."""
+        self.graphs[size].replay()
+        return self.tokens[size][:num_rows], self.logits[size][:num_rows]
+
+
+class GraphDecodeStep:
+    """The `AttentionStep` a decode graph was captured with: fixed buffers, one wrapper per kind."""
+
+    def __init__(self, graphs: DecodeGraphs, batch_size: int):
+        self.graphs, self.batch_size = graphs, batch_size
+        self.wrappers: dict[Kind, object] = {}
+        self.host_indptr = self.dev_indices = self.host_last = None
+
+    def plan(self, kind: Kind) -> None:
+        b = self.graphs.backend
+        sliding_window, softcap, scaling = kind
+        self.wrappers[kind].plan(
+            self.host_indptr, self.dev_indices, self.host_last,
+            b.num_heads, b.num_kv_heads, b.head_dim, b.page_size,
+            window_left=-1 if sliding_window is None else sliding_window - 1,
+            logits_soft_cap=softcap, sm_scale=scaling, q_data_type=b.dtype, kv_data_type=b.dtype,
+            non_blocking=True,
+        )
+
+    def write_kv(self, k_cache, v_cache, key, value) -> None:
+        import flashinfer
+
+        g, n = self.graphs, self.batch_size
+        flashinfer.append_paged_kv_cache(
+            key, value, g.token_rows[:n], g.positions[:n], (k_cache, v_cache),
+            g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n],
+        )
+
+    def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
+        kind = (sliding_window, softcap, scaling)
+        wrapper = self.wrappers.get(kind)
+        if wrapper is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"hf_cb: layer kind {kind} first seen while capturing a CUDA graph")
+            wrapper = self.wrappers[kind] = self._new_wrapper()
+            self.plan(kind)
+        return wrapper.run(query.contiguous(), (k_cache, v_cache))
+
+    def _new_wrapper(self):
+        import flashinfer
+
+        g, n, b = self.graphs, self.batch_size, self.graphs.backend
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            b.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=b.use_tensor_cores,
+            paged_kv_indptr_buffer=g.kv_indptr[: n + 1],
+            paged_kv_indices_buffer=g.kv_indices,
+            paged_kv_last_page_len_buffer=g.kv_last_page_len[:n],
+        )
