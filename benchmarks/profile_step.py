@@ -28,11 +28,19 @@ def main() -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-async", action="store_true")
     p.add_argument("--trace", default=None, help="write a chrome trace here")
+    p.add_argument("--cprofile", action="store_true", help="also print the host's hottest functions in the window")
+    p.add_argument("--compile", action="store_true")
     args = p.parse_args()
 
     model = build_model(args.model, torch.bfloat16, "cuda")
     wl = make_workload(ALIASES.get(args.workload, args.workload), model.config.vocab_size)
-    config = hf_cb.EngineConfig(cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async)
+    config = hf_cb.EngineConfig(
+        cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile
+    )
+    import cProfile
+    import pstats
+
+    host_prof = cProfile.Profile()
     engine = hf_cb.get_engine(model, config)
     seqs = [engine.add_request(pr, SamplingParams(n), seed=0, index=i) for i, (pr, n) in enumerate(zip(wl.prompts, wl.output_lens))]
 
@@ -47,8 +55,11 @@ def main() -> None:
         def on_step():
             counter[0] += 1
             if counter[0] == args.skip_steps + 5:
+                if args.cprofile:
+                    host_prof.enable()
                 marks["start"] = (time.perf_counter(), engine.stats.host_s, engine.stats.wait_s, engine.stats.decode_steps)
             if counter[0] == args.skip_steps + 5 + args.steps:
+                host_prof.disable()
                 marks["end"] = (time.perf_counter(), engine.stats.host_s, engine.stats.wait_s, engine.stats.decode_steps)
             prof.step()
             if "end" in marks:
@@ -70,6 +81,8 @@ def main() -> None:
     print(f"host work per step       {(h1 - h0) / n * 1e3:8.3f} ms  (schedule, prepare, plan, launch, resolve)")
     print(f"host blocked per step    {(w1 - w0) / n * 1e3:8.3f} ms  (waiting for sampled tokens)")
     print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if args.cprofile:
+        pstats.Stats(host_prof).sort_stats("tottime").print_stats(25)
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

@@ -241,6 +241,9 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-backend", choices=["fa2", "fa3"], default=hf_cb.EngineConfig.prefill_backend)
     p.add_argument("--attention-backend", choices=["auto", "flashinfer", "torch"], default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-async", action="store_true", help="no overlap of host scheduling with the GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
+    p.add_argument("--decode-tensor-cores", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -261,14 +264,15 @@ def main(argv=None) -> dict:
         page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
         prefill_backend=args.prefill_backend, attention_backend=args.attention_backend,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
+        decode_tensor_cores={"auto": None, "on": True, "off": False}[args.decode_tensor_cores],
     )
 
     results = [measure("hf_cb", lambda w: run_hf_cb(model, w, engine_config, progress), wl, warm)]
     engine = hf_cb.get_engine(model)
     results[0].extra = {
         "backend": type(engine.backend).__name__, "num_pages": engine.manager.num_pages,
-        "preemptions": engine.scheduler.num_preemptions,
+        "preemptions": engine.scheduler.num_preemptions, "host": engine.stats.summary(),
     }
     hf_cb.release(model)
     torch.cuda.empty_cache()

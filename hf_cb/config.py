@@ -25,7 +25,11 @@ class EngineConfig:
         attention_backend: ``"auto"`` picks FlashInfer on CUDA when it is installed and supports
             the dtype and head size, the PyTorch backend otherwise.
         prefill_backend: FlashInfer prefill kernels, ``"fa2"`` or ``"fa3"``.
+        decode_tensor_cores: FlashInfer decode on tensor cores (its prefill kernels); None
+            decides by the GQA group size.
         cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
+        compile: ``torch.compile`` the model's forward (on CUDA the FlashInfer calls stay outside
+            the compiled regions); pays off with CUDA graphs, where it fuses the small kernels.
         async_scheduling: prepare step n+1 while the device runs step n; an EOS is then seen
             one step late (the extra token is dropped). Off for requests with a repetition
             penalty, which needs every token on the host.
@@ -40,7 +44,9 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"
     prefill_backend: Literal["fa2", "fa3"] = "fa2"
+    decode_tensor_cores: bool | None = None
     cuda_graphs: bool = True
+    compile: bool = False
     async_scheduling: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
     cpu_max_pages: int = 4096

@@ -26,9 +26,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, cache: PagedCache, backend: FlashInferBackend,
+    def __init__(self, forward, cache: PagedCache, backend: FlashInferBackend,
                  max_batch: int, max_num_page_ids: int):
-        self.model, self.cache, self.backend = model, cache, backend
+        self.forward, self.cache, self.backend = forward, cache, backend  # forward: the model, maybe compiled
         self.sizes = graph_batch_sizes(max_batch)
         dev = backend.device
         B = self.sizes[-1]
@@ -81,7 +81,7 @@ class DecodeGraphs:
         b = step.batch_size
         self.cache.step = step
         try:
-            out = self.model(
+            out = self.forward(
                 input_ids=self.input_ids[:, :b],
                 position_ids=self.position_ids[:, :b],
                 attention_mask=self._mask,
@@ -153,6 +153,7 @@ class GraphDecodeStep:
             non_blocking=True,
         )
 
+    @torch.compiler.disable
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         import flashinfer
 
@@ -162,6 +163,7 @@ class GraphDecodeStep:
             g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n],
         )
 
+    @torch.compiler.disable
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         kind = (sliding_window, softcap, scaling)
         wrapper = self.wrappers.get(kind)

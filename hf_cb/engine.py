@@ -109,6 +109,7 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         max_num_tokens=config.max_num_batched_tokens,
         max_num_page_ids=config.max_num_seqs * max_pages_per_seq,
         prefill_backend=config.prefill_backend,
+        decode_tensor_cores=config.decode_tensor_cores,
     )
 
 
@@ -125,6 +126,16 @@ class StepStats:
     def summary(self) -> dict:
         per_step = max(self.steps, 1) * 1e-3
         return {**asdict(self), "host_ms_per_step": self.host_s / per_step, "wait_ms_per_step": self.wait_s / per_step}
+
+
+def compile_forward(model: torch.nn.Module, num_layers: int):
+    """``torch.compile`` of the model's own forward, shapes dynamic (the step size varies)."""
+    import torch._dynamo
+
+    # Each layer's attention module is a separate specialisation (its layer_idx is static).
+    limit = max(torch._dynamo.config.recompile_limit, 4 * num_layers)
+    torch._dynamo.config.recompile_limit = limit
+    return torch.compile(model, dynamic=True)
 
 
 class LLMEngine:
@@ -146,6 +157,7 @@ class LLMEngine:
             self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_pages_per_seq)
+        self.forward = compile_forward(model, self.shape.num_layers) if config.compile else model
 
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
@@ -178,14 +190,14 @@ class LLMEngine:
         self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq)
         self.scheduler = Scheduler(config, self.manager)
         self.runner = ModelRunner(
-            self.model, self.cache, self.manager, self.backend,
+            self.model, self.forward, self.cache, self.manager, self.backend,
             max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
         )
 
     def _capture_graphs(self) -> None:
         start = time.perf_counter()
         graphs = DecodeGraphs(
-            self.model, self.cache, self.backend, self.config.max_num_seqs,
+            self.forward, self.cache, self.backend, self.config.max_num_seqs,
             self.config.max_num_seqs * self.max_pages_per_seq,
         )
         graphs.capture()

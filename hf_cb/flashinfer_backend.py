@@ -49,12 +49,15 @@ class FlashInferBackend:
         max_num_tokens: int,
         max_num_page_ids: int,
         prefill_backend: str = "fa2",
+        decode_tensor_cores: bool | None = None,
     ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
         self.prefill_backend = prefill_backend
-        # Tensor-core decode pays off for wide GQA groups (vLLM's rule).
-        self.use_tensor_cores = num_heads // num_kv_heads > 4
+        # Tensor-core decode (FlashInfer's prefill kernels) pays off for wide GQA groups.
+        if decode_tensor_cores is None:
+            decode_tensor_cores = num_heads // num_kv_heads > 4
+        self.use_tensor_cores = decode_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         i32 = torch.int32
         self.staging = Staging(
@@ -146,6 +149,7 @@ class FlashInferStep:
         self._planned[kind] = wrapper
         return wrapper
 
+    @torch.compiler.disable  # compiled forwards call FlashInfer as it is
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         import flashinfer
 
@@ -155,6 +159,7 @@ class FlashInferStep:
             d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"],
         )
 
+    @torch.compiler.disable
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         wrapper = self.wrapper((sliding_window, softcap, scaling))
         return wrapper.run(query.contiguous(), (k_cache, v_cache))

@@ -68,7 +68,7 @@ class PageManager:
         self._free_rows: list[int] = list(range(max_seqs - 1, -1, -1))
         self.ref_counts = np.zeros(num_pages, dtype=np.int32)
         self.block_table = np.zeros((max_seqs, max_pages_per_seq), dtype=np.int32)
-        self.num_seq_pages = np.zeros(max_seqs, dtype=np.int32)
+        self.num_seq_pages = [0] * max_seqs  # a list: read one row at a time, cheaply
         self._rows: dict[int, int] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class PageManager:
     def pages_needed(self, seq_id: int, num_tokens: int) -> int:
         """Pages to add so that the sequence can hold ``num_tokens`` tokens."""
         row = self._rows.get(seq_id)
-        have = 0 if row is None else int(self.num_seq_pages[row])
+        have = 0 if row is None else self.num_seq_pages[row]
         return max(0, -(-num_tokens // self.page_size) - have)
 
     def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
@@ -120,7 +120,7 @@ class PageManager:
         if needed > self.num_free_pages:
             raise OutOfPages(f"sequence {seq_id} needs {needed} pages, {self.num_free_pages} are free")
         row = self._row_for(seq_id)
-        start = int(self.num_seq_pages[row])
+        start = self.num_seq_pages[row]
         pages = [self._free_pages.pop() for _ in range(needed)]
         self.block_table[row, start : start + needed] = pages
         self.num_seq_pages[row] = start + needed
@@ -139,7 +139,7 @@ class PageManager:
         if dst_id in self._rows:
             raise ValueError(f"sequence {dst_id} already holds pages")
         src_row = self._rows[src_id]
-        num_shared = min(num_tokens // self.page_size, int(self.num_seq_pages[src_row]))
+        num_shared = min(num_tokens // self.page_size, self.num_seq_pages[src_row])
         if num_shared == 0:
             return
         pages = self.block_table[src_row, :num_shared]
@@ -170,7 +170,7 @@ class PageManager:
         rows = np.fromiter((self._rows[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         kv_lens = num_cached + num_new
         num_kv_pages = -(-kv_lens // ps)
-        if np.any(num_kv_pages > self.num_seq_pages[rows]):
+        if np.any(num_kv_pages > np.array(self.num_seq_pages)[rows]):
             raise RuntimeError("PageManager.build: a row has fewer pages allocated than tokens")
 
         qo_indptr = _indptr(num_new)

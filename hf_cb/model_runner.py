@@ -47,9 +47,10 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedCache, manager: PageManager, backend,
+    def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, manager: PageManager, backend,
                  max_num_tokens: int, max_num_seqs: int, graphs: DecodeGraphs | None = None):
         self.model = model
+        self.forward = forward  # the model itself, or its compiled forward
         self.cache = cache
         self.manager = manager
         self.backend = backend
@@ -129,7 +130,7 @@ class ModelRunner:
         self.cache.step = step
         try:
             with torch.no_grad():
-                out = self.model(
+                out = self.forward(
                     input_ids=input_ids[None],
                     position_ids=position_ids[None],
                     attention_mask=self._mask_sentinel,

@@ -29,7 +29,7 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    @property
+    @cached_property
     def is_decode(self) -> bool:
         """Every row feeds exactly its last token."""
         return all(
@@ -98,6 +98,8 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Allocate pages for ``seq``, preempting the newest running sequences as needed.
         Returns False when ``seq`` itself had to be preempted."""
+        if self.manager.pages_needed(seq.seq_id, num_tokens) == 0:  # most decode rows
+            return True
         while not self.manager.can_allocate(seq.seq_id, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)

@@ -152,3 +152,11 @@ def test_progress_bar_on_long_batches_off_in_generate(capsys):
     finally:
         hf_cb.disable(model)
     assert "hf_cb" not in capsys.readouterr().err
+
+
+def test_compiled_forward_equals_generate():
+    model, refs = model_and_refs("llama")
+    outs = model.generate_batch_continuous(
+        PROMPTS[:8], max_new_tokens=MAX_NEW[:8], do_sample=False, engine_config=hf_cb.EngineConfig(compile=True)
+    )
+    assert [o.token_ids for o in outs] == refs[:8]
