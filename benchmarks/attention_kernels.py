@@ -66,7 +66,7 @@ def main() -> None:
         for tensor_cores in (False, True):
             run = setup([1] * 256, kv_lens, heads, kv_heads, head_dim, decode_tensor_cores=tensor_cores)
             ms = _median_ms(run)
-            print(f"| decode | {name} | tensor cores {tensor_cores} | {ms:.3f} | {kv_bytes / ms / 1e9:.0f} GB/s of KV |")
+            print(f"| decode | {name} | tensor cores {tensor_cores} | {ms:.3f} | {kv_bytes / ms / 1e9:.2f} TB/s of KV |")
         q_lens = [1024] * 8
         flops = sum(2 * 2 * heads * head_dim * q * (q + 1) / 2 for q in q_lens)
         for prefill_backend in ("fa2", "fa3"):

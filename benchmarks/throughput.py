@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-num-seqs", type=int, default=hf_cb.EngineConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=hf_cb.EngineConfig.max_num_batched_tokens)
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
-    p.add_argument("--prefill-backend", choices=["fa2", "fa3"], default=hf_cb.EngineConfig.prefill_backend)
+    p.add_argument("--prefill-backend", choices=["auto", "fa2", "fa3"], default=hf_cb.EngineConfig.prefill_backend)
     p.add_argument("--attention-backend", choices=["auto", "flashinfer", "torch"], default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-async", action="store_true", help="no overlap of host scheduling with the GPU")

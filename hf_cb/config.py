@@ -24,7 +24,8 @@ class EngineConfig:
             ``max_position_embeddings``.
         attention_backend: ``"auto"`` picks FlashInfer on CUDA when it is installed and supports
             the dtype and head size, the PyTorch backend otherwise.
-        prefill_backend: FlashInfer prefill kernels, ``"fa2"`` or ``"fa3"``.
+        prefill_backend: FlashInfer prefill kernels: ``"fa3"`` (faster on Hopper, bf16),
+            ``"fa2"``, or ``"auto"`` (fa3 for bf16 on Hopper, else fa2).
         decode_tensor_cores: FlashInfer decode on tensor cores (its prefill kernels); None
             decides by the GQA group size.
         cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
@@ -43,7 +44,7 @@ class EngineConfig:
     memory_utilization: float = 0.9
     max_model_len: int | None = None
     attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"
-    prefill_backend: Literal["fa2", "fa3"] = "fa2"
+    prefill_backend: Literal["auto", "fa2", "fa3"] = "auto"
     decode_tensor_cores: bool | None = None
     cuda_graphs: bool = True
     compile: bool = False
@@ -64,5 +65,5 @@ class EngineConfig:
             )
         if self.attention_backend not in ("auto", "flashinfer", "torch"):
             raise ValueError(f"unknown EngineConfig.attention_backend {self.attention_backend!r}")
-        if self.prefill_backend not in ("fa2", "fa3"):
+        if self.prefill_backend not in ("auto", "fa2", "fa3"):
             raise ValueError(f"unknown EngineConfig.prefill_backend {self.prefill_backend!r}")

@@ -48,15 +48,20 @@ class FlashInferBackend:
         max_num_seqs: int,
         max_num_tokens: int,
         max_num_page_ids: int,
-        prefill_backend: str = "fa2",
+        prefill_backend: str = "auto",
         decode_tensor_cores: bool | None = None,
     ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
+        # fa3 measured faster than fa2 on Hopper; its prebuilt kernels are bf16 only.
+        if prefill_backend == "auto":
+            fa3_ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+            prefill_backend = "fa3" if fa3_ok else "fa2"
         self.prefill_backend = prefill_backend
-        # Tensor-core decode (FlashInfer's prefill kernels) pays off for wide GQA groups.
+        # Tensor-core decode (FlashInfer's prefill kernels) measured faster for GQA groups of 2
+        # and 4 on an H200 (benchmarks/attention_kernels.py; README).
         if decode_tensor_cores is None:
-            decode_tensor_cores = num_heads // num_kv_heads > 4
+            decode_tensor_cores = num_heads // num_kv_heads >= 2
         self.use_tensor_cores = decode_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         i32 = torch.int32
