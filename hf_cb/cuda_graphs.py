@@ -58,10 +58,16 @@ class DecodeGraphs:
     @torch.no_grad()
     def capture(self) -> None:
         """Capture every bucket, largest first so that smaller graphs reuse its memory pool."""
+        side = torch.cuda.Stream()
         for b in reversed(self.sizes):
             step = self.steps[b] = GraphDecodeStep(self, b)
             self._stage(step, *self._dummy_rows(b))
-            self._forward(step)  # eager warm-up: finds the layer kinds, builds their wrappers
+            # Warm up on a side stream (lazy per-stream library state must not start inside a
+            # capture); the eager run also finds the layer kinds and builds their wrappers.
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(step)
+            torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

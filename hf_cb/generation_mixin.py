@@ -4,6 +4,7 @@ lives on the model between calls."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,6 +94,8 @@ def release(model: torch.nn.Module) -> None:
     if engine is not None:
         engine.release()
         object.__delattr__(model, _ENGINE_ATTR)
+        del engine
+        gc.collect()  # the engine's parts refer to each other: free the pages now, not later
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
