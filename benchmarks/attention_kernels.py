@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
+
+from throughput import median_seconds  # first: puts the repository on sys.path
 
 from hf_cb.flashinfer_backend import FlashInferBackend
 from hf_cb.manager import PageManager
 
 PS = 16
 SHAPES = {"llama-1b": (32, 8, 64), "qwen3-0.6b": (16, 8, 128)}
-
-
-def _median_ms(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
 
 
 def setup(q_lens, kv_lens, heads, kv_heads, head_dim, **backend_kwargs):
@@ -65,13 +52,13 @@ def main() -> None:
         kv_bytes = sum(kv_lens) * 2 * kv_heads * head_dim * 2
         for tensor_cores in (False, True):
             run = setup([1] * 256, kv_lens, heads, kv_heads, head_dim, decode_tensor_cores=tensor_cores)
-            ms = _median_ms(run)
+            ms = median_seconds(run, warmup=5, reps=50) * 1e3
             print(f"| decode | {name} | tensor cores {tensor_cores} | {ms:.3f} | {kv_bytes / ms / 1e9:.2f} TB/s of KV |")
         q_lens = [1024] * 8
         flops = sum(2 * 2 * heads * head_dim * q * (q + 1) / 2 for q in q_lens)
         for prefill_backend in ("fa2", "fa3"):
             run = setup(q_lens, q_lens, heads, kv_heads, head_dim, prefill_backend=prefill_backend)
-            ms = _median_ms(run)
+            ms = median_seconds(run, warmup=5, reps=50) * 1e3
             print(f"| prefill | {name} | {prefill_backend} | {ms:.3f} | {flops / ms / 1e9:.0f} TFLOP/s |")
 
 

@@ -145,17 +145,18 @@ def measure_bandwidth(device: str) -> float:
     """Bytes read plus written per second by a large device-to-device copy."""
     src = torch.randn(1 << 30, dtype=torch.float32, device=device)  # 4 GiB
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / _time(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src))
 
 
 def measure_matrix_rate(device: str, dtype: torch.dtype) -> float:
     """bf16 FLOP/s of an 8192^3 matmul on random data."""
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    return 2 * 8192**3 / _time(lambda: a @ b)
+    return 2 * 8192**3 / median_seconds(lambda: a @ b)
 
 
-def _time(fn, warmup: int = 3, reps: int = 10) -> float:
+def median_seconds(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median of CUDA-event-timed runs of ``fn``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

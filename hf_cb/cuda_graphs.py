@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .attention_interface import STEP_KWARG
-from .flashinfer_backend import FlashInferBackend, Kind
+from .flashinfer_backend import FlashInferBackend, Kind, plan_options
 from .manager import PageTable
 from .paged_cache import PagedCache
 from .staging import Staging
@@ -150,13 +150,9 @@ class GraphDecodeStep:
 
     def plan(self, kind: Kind) -> None:
         b = self.graphs.backend
-        sliding_window, softcap, scaling = kind
         self.wrappers[kind].plan(
             self.host_indptr, self.dev_indices, self.host_last,
-            b.num_heads, b.num_kv_heads, b.head_dim, b.page_size,
-            window_left=-1 if sliding_window is None else sliding_window - 1,
-            logits_soft_cap=softcap, sm_scale=scaling, q_data_type=b.dtype, kv_data_type=b.dtype,
-            non_blocking=True,
+            b.num_heads, b.num_kv_heads, b.head_dim, b.page_size, **plan_options(b, kind),
         )
 
     @torch.compiler.disable

@@ -35,6 +35,19 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int) -> str | None:
     return None
 
 
+def plan_options(backend: "FlashInferBackend", kind: Kind) -> dict:
+    """The `plan()` keywords for one kind of layer (shared by eager and graph wrappers)."""
+    sliding_window, softcap, scaling = kind
+    return dict(
+        window_left=-1 if sliding_window is None else sliding_window - 1,
+        logits_soft_cap=softcap,
+        sm_scale=scaling,
+        q_data_type=backend.dtype,
+        kv_data_type=backend.dtype,
+        non_blocking=True,
+    )
+
+
 class FlashInferBackend:
     def __init__(
         self,
@@ -133,15 +146,7 @@ class FlashInferStep:
             wrappers[kind] = b.new_wrapper(self.is_decode)
             b.new_kinds = True
         wrapper = wrappers[kind]
-        sliding_window, softcap, scaling = kind
-        options = dict(
-            window_left=-1 if sliding_window is None else sliding_window - 1,
-            logits_soft_cap=softcap,
-            sm_scale=scaling,
-            q_data_type=b.dtype,
-            kv_data_type=b.dtype,
-            non_blocking=True,
-        )
+        options = plan_options(b, kind)
         shape = (b.num_heads, b.num_kv_heads, b.head_dim, b.page_size)
         # indptr and last-page lengths are read on the host; page ids only on the device.
         if self.is_decode:

@@ -77,10 +77,6 @@ class PageManager:
     def num_free_pages(self) -> int:
         return len(self._free_pages)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_pages * self.page_size
-
     def has(self, seq_id: int) -> bool:
         return seq_id in self._rows
 

@@ -25,10 +25,6 @@ class ScheduledBatch:
     num_new_tokens: list[int]
     pending_index: list[int] = field(default_factory=list)  # where each sampled token went
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     @cached_property
     def is_decode(self) -> bool:
         """Every row feeds exactly its last token."""
@@ -155,11 +151,9 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.manager.free(seq.seq_id)
 
-    def abort_all(self) -> list[Sequence]:
+    def abort_all(self) -> None:
         """Drop every queued and running sequence, freeing their pages."""
-        dropped = list(self.running) + list(self.waiting)
-        for seq in dropped:
+        for seq in [*self.running, *self.waiting]:
             self._finish(seq)
         self.running.clear()
         self.waiting.clear()
-        return dropped

@@ -48,10 +48,6 @@ class Sequence:
             self.token_ids = list(self.prompt_ids)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
