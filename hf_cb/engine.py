@@ -84,7 +84,7 @@ def attention_shape(model: torch.nn.Module) -> AttentionShape:
 
 
 def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
-                 max_pages_per_seq: int):
+                 max_num_page_ids: int):
     """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
     if config.attention_backend == "torch":
         return TorchAttentionBackend(config.page_size, device)
@@ -107,7 +107,7 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         device=device,
         max_num_seqs=config.max_num_seqs,
         max_num_tokens=config.max_num_batched_tokens,
-        max_num_page_ids=config.max_num_seqs * max_pages_per_seq,
+        max_num_page_ids=max_num_page_ids,
         prefill_backend=config.prefill_backend,
         decode_tensor_cores=config.decode_tensor_cores,
     )
@@ -150,13 +150,14 @@ class LLMEngine:
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        self.max_num_page_ids = config.max_num_seqs * self.max_pages_per_seq  # page ids in one step
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = model.device
         self.dtype = model.dtype
         self.page_bytes = PagedCache.bytes_per_page(
             self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
-        self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_pages_per_seq)
+        self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
         self.forward = compile_forward(model, self.shape.num_layers) if config.compile else model
 
         self._original_attn = model.config._attn_implementation
@@ -197,8 +198,7 @@ class LLMEngine:
     def _capture_graphs(self) -> None:
         start = time.perf_counter()
         graphs = DecodeGraphs(
-            self.forward, self.cache, self.backend, self.config.max_num_seqs,
-            self.config.max_num_seqs * self.max_pages_per_seq,
+            self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids
         )
         graphs.capture()
         self.runner.graphs = graphs

@@ -14,7 +14,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from .attention_interface import STEP_KWARG, AttentionStep
+from .attention_interface import STEP_KWARG
 from .cuda_graphs import DecodeGraphs
 from .manager import PageManager, PageTable
 from .paged_cache import PagedCache
