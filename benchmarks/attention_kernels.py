@@ -3,8 +3,8 @@
     python benchmarks/attention_kernels.py
 
 Shapes are those of the benchmark models (llama-1b: 32/8 heads of 64; qwen3-0.6b: 16/8 of 128)
-at a W1-like steady state (256 sequences, contexts uniform in 100..2048) and a W3-like prefill
-chunk (8 prompts of 1024 tokens). Times are medians of CUDA-event-timed runs of one layer.
+at a W1-like steady state (256 sequences, contexts uniform in 100..2048), a W3-like prefill
+chunk (8 prompts of 1024 tokens) and a W3-like mixed step (248 decode rows and 8 prompts). Times are medians of CUDA-event-timed runs of one layer.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ def main() -> None:
             run = setup(q_lens, q_lens, heads, kv_heads, head_dim, prefill_backend=prefill_backend)
             ms = median_seconds(run, warmup=5, reps=50) * 1e3
             print(f"| prefill | {name} | {prefill_backend} | {ms:.3f} | {flops / ms / 1e9:.0f} TFLOP/s |")
+        # A W3 mixed step: 248 decode rows beside 8 prompt chunks of 1024 tokens. Prefill rows
+        # first keeps every row on the prefill kernel; decode rows first splits the step.
+        decode_kv = [rng.randint(1024, 1152) for _ in range(248)]
+        for order in ("prefill rows first", "decode rows first"):
+            q_lens, kv_lens = [1] * 248 + [1024] * 8, decode_kv + [1024] * 8
+            if order == "prefill rows first":
+                q_lens, kv_lens = q_lens[::-1], kv_lens[::-1]
+            run = setup(q_lens, kv_lens, heads, kv_heads, head_dim)
+            ms = median_seconds(run, warmup=5, reps=50) * 1e3
+            print(f"| mixed | {name} | {order} | {ms:.3f} | |")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ class ModelRunner:
                 )
         finally:
             self.cache.step = None
-        if getattr(self.backend, "new_kinds", False):
+        if self.backend.new_kinds:
             # A kind of layer was planned inside the forward, after the copy event: let those
             # copies finish before the pinned buffers are rewritten (first steps only).
             torch.cuda.synchronize(self.device)

@@ -43,6 +43,13 @@ class ScheduledBatch:
         ]
 
 
+def decode_rows_first(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch with its single-token rows first (stable), so the attention backend can run
+    them as one block on its decode kernel."""
+    order = sorted(range(len(batch.seqs)), key=lambda r: batch.num_new_tokens[r] != 1)
+    return ScheduledBatch([batch.seqs[r] for r in order], [batch.num_new_tokens[r] for r in order])
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, manager: PageManager):
         self.max_num_seqs = config.max_num_seqs
@@ -75,7 +82,7 @@ class Scheduler:
         # Admitting new work right after a preemption would only evict it again.
         if self.num_preemptions == preemptions_before:
             self._admit(batch, budget)
-        return batch
+        return decode_rows_first(batch)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

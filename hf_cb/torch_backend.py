@@ -14,6 +14,8 @@ from .manager import PageTable
 
 
 class TorchAttentionBackend:
+    new_kinds = False  # every kind of layer is served by the same step (see FlashInferBackend)
+
     def __init__(self, page_size: int, device: torch.device):
         self.page_size = page_size
         self.device = device

@@ -30,6 +30,8 @@ STEPS = {
     "prefill": ([PS - 1, PS, PS + 1, 3 * PS, 100], [PS - 1, PS, PS + 1, 3 * PS, 100]),
     "decode": ([1] * 6, [1, PS - 1, PS, PS + 1, 2 * PS, 300]),
     "mixed": ([1, 37, 1, PS, 5], [PS, 37, 2 * PS + 1, 4 * PS, 70]),
+    # The scheduler's order: decode rows first, run by the decode kernel, then prefill rows.
+    "decode-first": ([1, 1, 1, 37, PS + 1], [PS, 2 * PS + 1, 300, 37, 4 * PS]),
 }
 # Relative error of one attention step against float64 (bf16 has an 8-bit mantissa).
 ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
