@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hf_cb
+from sweep import parse_grid
 from throughput import ALIASES, build_model, make_workload
 from hf_cb.sampling import SamplingParams
 
@@ -30,12 +32,15 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="write a chrome trace here")
     p.add_argument("--cprofile", action="store_true", help="also print the host's hottest functions in the window")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-profiler", action="store_true", help="time the window without the torch profiler's overhead")
+    p.add_argument("--config", nargs="*", default=[], help="more EngineConfig field=value")
     args = p.parse_args()
 
     model = build_model(args.model, torch.bfloat16, "cuda")
     wl = make_workload(ALIASES.get(args.workload, args.workload), model.config.vocab_size)
     config = hf_cb.EngineConfig(
-        cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile
+        cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
+        **{k: v[0] for k, v in parse_grid(args.config).items()},
     )
     import cProfile
     import pstats
@@ -49,7 +54,10 @@ def main() -> None:
 
     marks = {}
     window = schedule(wait=args.skip_steps, warmup=5, active=args.steps, repeat=1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=window) as prof:
+    profiler = nullcontext(None) if args.no_profiler else profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=window
+    )
+    with profiler as prof:
         counter = [0]
 
         def on_step():
@@ -61,7 +69,8 @@ def main() -> None:
             if counter[0] == args.skip_steps + 5 + args.steps:
                 host_prof.disable()
                 marks["end"] = (time.perf_counter(), engine.stats.host_s, engine.stats.wait_s, engine.stats.decode_steps)
-            prof.step()
+            if prof is not None:
+                prof.step()
             if "end" in marks:
                 raise WindowDone  # the engine drops the rest of the queue
 
@@ -72,18 +81,19 @@ def main() -> None:
 
     (t0, h0, w0, d0), (t1, h1, w1, d1) = marks["start"], marks["end"]
     n = args.steps
-    events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / n
     print(f"{args.model} {args.workload} graphs={not args.no_cuda_graphs} async={not args.no_async}: "
           f"{n} steps ({d1 - d0} decode) after {args.skip_steps}")
     print(f"wall per step            {(t1 - t0) / n * 1e3:8.3f} ms")
-    print(f"device kernels per step  {device_us / 1e3:8.3f} ms")
     print(f"host work per step       {(h1 - h0) / n * 1e3:8.3f} ms  (schedule, prepare, plan, launch, resolve)")
     print(f"host blocked per step    {(w1 - w0) / n * 1e3:8.3f} ms  (waiting for sampled tokens)")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if prof is not None:
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / n
+        print(f"device kernels per step  {device_us / 1e3:8.3f} ms")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     if args.cprofile:
         pstats.Stats(host_prof).sort_stats("tottime").print_stats(25)
-    if args.trace:
+    if args.trace and prof is not None:
         prof.export_chrome_trace(args.trace)
 
 
