@@ -17,7 +17,8 @@ class EngineConfig:
             at most ``cpu_max_pages``.
         max_num_seqs: most requests in one step.
         max_num_batched_tokens: most tokens (prefill chunks plus decode rows) in one step;
-            longer prompts are prefilled in chunks of at most this many tokens.
+            longer prompts are prefilled in chunks of at most this many tokens. 16384 beat
+            8192 on W3 (benchmarks/sweep.py; README), as in vLLM's offline default.
         memory_utilization: on CUDA, the share of the memory left after the worst-case step
             that goes to KV pages.
         max_model_len: longest prompt plus output; ``None`` takes the model's
@@ -40,7 +41,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 16384
     memory_utilization: float = 0.9
     max_model_len: int | None = None
     attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"

@@ -20,7 +20,9 @@ class Staging:
         if self.on_cuda:
             for name, (n, dtype) in sizes.items():
                 self.host[name] = torch.zeros(n, dtype=dtype, pin_memory=True)
-                self.device[name] = torch.zeros(n, dtype=dtype, device=device)
+                # One spare entry: a full step's view is then never its whole buffer, a case
+                # torch.compile would specialise on (and recompile for every other size).
+                self.device[name] = torch.zeros(n + 1, dtype=dtype, device=device)
         self.dtypes = {name: dtype for name, (_, dtype) in sizes.items()}
 
     def put(self, name: str, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
