@@ -319,7 +319,7 @@ def print_table(report: dict) -> None:
         f"roofline {report['roofline_output_tok_s']:,.0f} output tok/s "
         f"({report['bandwidth_tb_s']:.2f} TB/s, {report['matrix_tflop_s']:.0f} TFLOP/s measured)"
     )
-    print(f"| system | output tok/s | total tok/s | hf_cb speed-up | peak GPU mem (GiB) | fraction of roofline |")
+    print("| system | output tok/s | total tok/s | hf_cb speed-up | peak GPU mem (GiB) | fraction of roofline |")
     print("|---|---|---|---|---|---|")
     for r in report["results"]:
         if r["output_tok_s"] is None:

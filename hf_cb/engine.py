@@ -5,6 +5,7 @@ It lives on the model between calls (`get_engine`), so the page pool is allocate
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -138,6 +139,15 @@ def compile_forward(model: torch.nn.Module, num_layers: int):
     return torch.compile(model, dynamic=True)
 
 
+def freeze_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's walks. Compilation
+    and graph capture leave millions of long-lived objects, and a full collection over them in
+    the middle of a run stalls the host (vLLM freezes its heap after start-up for the same
+    reason). `hf_cb.release` unfreezes."""
+    gc.collect()
+    gc.freeze()
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one Transformers causal LM."""
 
@@ -175,6 +185,7 @@ class LLMEngine:
         self._build(num_pages)
         if config.cuda_graphs and isinstance(self.backend, FlashInferBackend):
             self._capture_graphs()
+        freeze_heap()
         logger.info(
             "hf_cb: %d KV pages of %d tokens: %d tokens of KV cache (%.2f GiB), %s attention",
             num_pages, config.page_size, num_pages * config.page_size,
@@ -304,6 +315,7 @@ class LLMEngine:
             raise
         finally:
             bar.close()
+            freeze_heap()  # what this run compiled is long-lived too
 
     def _launch_next(self, prev: StepHandle | None) -> StepHandle | None:
         """Schedule and launch the next step (None when nothing can run until ``prev`` resolves)."""
