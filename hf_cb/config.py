@@ -15,8 +15,9 @@ class EngineConfig:
         num_pages: pages in the pool. ``None``: on CUDA, sized from the memory free after a
             worst-case step (see ``memory_utilization``); elsewhere ``cpu_kv_cache_bytes`` worth,
             at most ``cpu_max_pages``.
-        max_num_seqs: most requests in one step (and the largest decode CUDA graph). 1024 beat
-            256 on W4 (22.3k vs 17.6k tok/s, llama-8b on an H200), as in vLLM's offline default.
+        max_num_seqs: most requests in one step (and the largest decode CUDA graph). With
+            ``compile`` 256 beat 1024 on W1 (39.1k vs 28.7k tok/s, llama-1b on an H200); offline
+            runs of many requests gain from 1024 (W4 on llama-8b: 21.0k vs 16.9k). See README.
         max_num_batched_tokens: most tokens (prefill chunks plus decode rows) in one step;
             longer prompts are prefilled in chunks of at most this many tokens. 16384 beat
             8192 on W3 (benchmarks/sweep.py; README), as in vLLM's offline default.
@@ -41,7 +42,7 @@ class EngineConfig:
 
     page_size: int = 16
     num_pages: int | None = None
-    max_num_seqs: int = 1024
+    max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
     memory_utilization: float = 0.9
     max_model_len: int | None = None
