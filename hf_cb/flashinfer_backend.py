@@ -99,20 +99,7 @@ class FlashInferBackend:
         self._decode: dict[Kind, object] = {}
 
     def plan(self, table: PageTable) -> "FlashInferStep":
-        qo_lens = np.diff(table.qo_indptr)
-        single = qo_lens == 1
-        num_decode = len(qo_lens) if single.all() else int(np.argmin(single))
-        arrays = {
-            "qo_indptr": table.qo_indptr,
-            "kv_indptr": table.kv_indptr,
-            "kv_indices": table.kv_indices,
-            "kv_last_page_len": table.kv_last_page_len,
-            "token_rows": table.token_rows,
-            "positions": table.positions.astype(np.int32),
-        }
-        if 0 < num_decode < len(qo_lens):  # the prefill rows' indptrs, rebased to start at 0
-            arrays["prefill_qo_indptr"] = table.qo_indptr[num_decode:] - table.qo_indptr[num_decode]
-            arrays["prefill_kv_indptr"] = table.kv_indptr[num_decode:] - table.kv_indptr[num_decode]
+        num_decode, arrays = step_arrays(table)
         staged = {name: self.staging.put(name, a) for name, a in arrays.items()}
         host = {name: pair[0] for name, pair in staged.items()}
         dev = {name: pair[1] for name, pair in staged.items()}
@@ -132,6 +119,26 @@ class FlashInferBackend:
                 self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
             )
         return flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend)
+
+
+def step_arrays(table: PageTable) -> tuple[int, dict[str, np.ndarray]]:
+    """The step's int32 index arrays, and how many leading rows are single-token (decode) rows.
+    A mixed step also gets its prefill rows' indptrs, rebased to start at 0."""
+    qo_lens = np.diff(table.qo_indptr)
+    single = qo_lens == 1
+    num_decode = len(qo_lens) if single.all() else int(np.argmin(single))
+    arrays = {
+        "qo_indptr": table.qo_indptr,
+        "kv_indptr": table.kv_indptr,
+        "kv_indices": table.kv_indices,
+        "kv_last_page_len": table.kv_last_page_len,
+        "token_rows": table.token_rows,
+        "positions": table.positions.astype(np.int32),
+    }
+    if 0 < num_decode < len(qo_lens):
+        arrays["prefill_qo_indptr"] = table.qo_indptr[num_decode:] - table.qo_indptr[num_decode]
+        arrays["prefill_kv_indptr"] = table.kv_indptr[num_decode:] - table.kv_indptr[num_decode]
+    return num_decode, arrays
 
 
 @dataclass
