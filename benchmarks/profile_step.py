@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hf_cb
-from sweep import parse_grid
+from sweep import parse_config
 from throughput import ALIASES, build_model, make_workload
 from hf_cb.sampling import SamplingParams
 
@@ -40,7 +40,7 @@ def main() -> None:
     wl = make_workload(ALIASES.get(args.workload, args.workload), model.config.vocab_size)
     config = hf_cb.EngineConfig(
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
-        **{k: v[0] for k, v in parse_grid(args.config).items()},
+        **parse_config(args.config),
     )
     import cProfile
     import pstats

@@ -28,15 +28,20 @@ from hf_cb.engine import StepStats
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
-    """``name=v1,v2`` pairs into EngineConfig values of the field's type."""
-    types = {f.name: f.type for f in fields(hf_cb.EngineConfig)}
+    """``name=v1,v2`` pairs into lists of EngineConfig values (ints, booleans, None or strings)."""
+    names = {f.name for f in fields(hf_cb.EngineConfig)}
     grid = {}
     for item in items:
         name, _, values = item.partition("=")
-        if name not in types:
+        if name not in names:
             raise SystemExit(f"unknown EngineConfig field {name!r}")
         grid[name] = [_parse_value(v) for v in values.split(",")]
     return grid
+
+
+def parse_config(items: list[str]) -> dict:
+    """``name=value`` pairs into EngineConfig keyword arguments."""
+    return {name: values[0] for name, values in parse_grid(items).items()}
 
 
 def _parse_value(text: str):
@@ -86,7 +91,7 @@ def main(argv=None) -> list[dict]:
     workload = ALIASES.get(args.workload, args.workload)
     if workload not in WORKLOADS:
         p.error(f"unknown workload {args.workload!r}")
-    grid, base = parse_grid(args.grid), {k: v[0] for k, v in parse_grid(args.base).items()}
+    grid, base = parse_grid(args.grid), parse_config(args.base)
 
     model = build_model(args.model, torch.bfloat16, "cuda")
     wl = make_workload(workload, model.config.vocab_size, args.limit)
