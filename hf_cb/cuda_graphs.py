@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .attention_interface import STEP_KWARG
-from .flashinfer_backend import FlashInferBackend, Kind, plan_options
+from .flashinfer_backend import FlashInferBackend, Kind
 from .manager import PageTable
 from .paged_cache import PagedCache
 from .staging import Staging
@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.staging = Staging(dev, {
             "input_ids": (B, i64), "positions": (B, i64),
             "kv_indptr": (B + 1, i32), "kv_indices": (max_num_page_ids + B, i32), "kv_last_page_len": (B, i32),
-        })
+        }, into={"input_ids": self.input_ids[0], "positions": self.position_ids[0]})
         self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -104,21 +104,17 @@ class DecodeGraphs:
         """Copy a step's rows into the fixed buffers and plan the bucket's wrappers."""
         b = step.batch_size
         put = self.staging.put
-        self.input_ids[0, :b].copy_(put("input_ids", input_ids)[1])
-        pos = put("positions", positions)[1]
-        self.position_ids[0, :b].copy_(pos)
-        self.positions[:b].copy_(pos)
+        put("input_ids", input_ids)  # straight into self.input_ids
+        self.positions[:b].copy_(put("positions", positions)[1])  # into self.position_ids; int32 here
         step.host_indptr = put("kv_indptr", kv_indptr)[0]
         step.dev_indices = put("kv_indices", kv_indices)[1]
         step.host_last = put("kv_last_page_len", kv_last_page_len)[0]
         for kind in step.wrappers:
             step.plan(kind)
 
-    def prepare(self, table: PageTable, input_ids: np.ndarray, pending_dst: torch.Tensor | None,
-                pending_src: torch.Tensor | None, prev_tokens: torch.Tensor | None) -> int:
+    def prepare(self, table: PageTable, input_ids: np.ndarray) -> int:
         """Stage a decode step of ``table.num_rows`` rows into the fixed buffers of its bucket
-        and plan; pending input tokens are filled from ``prev_tokens`` on the device. Returns
-        the bucket to `replay`."""
+        and plan. Returns the bucket to `replay`."""
         n = table.num_rows
         b = self.size_for(n)
         pad = b - n
@@ -130,8 +126,6 @@ class DecodeGraphs:
             np.concatenate([table.kv_indices, np.full(pad, self.cache.scratch_page, np.int32)]),
             np.concatenate([table.kv_last_page_len, np.ones(pad, np.int32)]),
         )
-        if pending_dst is not None:
-            self.input_ids[0].index_copy_(0, pending_dst, prev_tokens.index_select(0, pending_src))
         return b
 
     def replay(self, size: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,11 +143,7 @@ class GraphDecodeStep:
         self.host_indptr = self.dev_indices = self.host_last = None
 
     def plan(self, kind: Kind) -> None:
-        b = self.graphs.backend
-        self.wrappers[kind].plan(
-            self.host_indptr, self.dev_indices, self.host_last,
-            b.num_heads, b.num_kv_heads, b.head_dim, b.page_size, **plan_options(b, kind),
-        )
+        self.graphs.backend.plan_decode(self.wrappers[kind], kind, self.host_indptr, self.dev_indices, self.host_last)
 
     @torch.compiler.disable
     def write_kv(self, k_cache, v_cache, key, value) -> None:

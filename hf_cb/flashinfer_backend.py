@@ -38,19 +38,6 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int) -> str | None:
     return None
 
 
-def plan_options(backend: "FlashInferBackend", kind: Kind) -> dict:
-    """The `plan()` keywords for one kind of layer (shared by eager and graph wrappers)."""
-    sliding_window, softcap, scaling = kind
-    return dict(
-        window_left=-1 if sliding_window is None else sliding_window - 1,
-        logits_soft_cap=softcap,
-        sm_scale=scaling,
-        q_data_type=backend.dtype,
-        kv_data_type=backend.dtype,
-        non_blocking=True,
-    )
-
-
 class FlashInferBackend:
     def __init__(
         self,
@@ -107,6 +94,29 @@ class FlashInferBackend:
         for kind in {**self._decode, **self._prefill}:
             step.wrappers(kind)
         return step
+
+    def plan_decode(self, wrapper, kind: Kind, kv_indptr, kv_indices, kv_last_page_len) -> None:
+        """Plan a decode wrapper (eager or CUDA-graph) for one kind of layer."""
+        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, *self._shape(), **self._options(kind))
+
+    def plan_prefill(self, wrapper, kind: Kind, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> None:
+        """Plan a causal prefill wrapper for one kind of layer."""
+        wrapper.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *self._shape(), causal=True,
+                     **self._options(kind))
+
+    def _shape(self) -> tuple[int, int, int, int]:
+        return self.num_heads, self.num_kv_heads, self.head_dim, self.page_size
+
+    def _options(self, kind: Kind) -> dict:
+        sliding_window, softcap, scaling = kind
+        return dict(
+            window_left=-1 if sliding_window is None else sliding_window - 1,
+            logits_soft_cap=softcap,
+            sm_scale=scaling,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            non_blocking=True,
+        )
 
     def wrappers_of(self, is_decode: bool) -> dict:
         return self._decode if is_decode else self._prefill
@@ -197,13 +207,10 @@ class FlashInferStep:
             wrappers[kind] = b.new_wrapper(part.is_decode)
             b.new_kinds = True
         wrapper = wrappers[kind]
-        shape = (b.num_heads, b.num_kv_heads, b.head_dim, b.page_size)
-        options = plan_options(b, kind)
         if part.is_decode:
-            wrapper.plan(part.kv_indptr, part.kv_indices, part.kv_last_page_len, *shape, **options)
+            b.plan_decode(wrapper, kind, part.kv_indptr, part.kv_indices, part.kv_last_page_len)
         else:
-            wrapper.plan(part.qo_indptr, part.kv_indptr, part.kv_indices, part.kv_last_page_len, *shape,
-                         causal=True, **options)
+            b.plan_prefill(wrapper, kind, part.qo_indptr, part.kv_indptr, part.kv_indices, part.kv_last_page_len)
         return wrapper
 
     @torch.compiler.disable  # compiled forwards call FlashInfer as it is

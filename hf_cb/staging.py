@@ -13,7 +13,11 @@ import torch
 
 
 class Staging:
-    def __init__(self, device: torch.device, sizes: dict[str, tuple[int, torch.dtype]]):
+    def __init__(self, device: torch.device, sizes: dict[str, tuple[int, torch.dtype]],
+                 into: dict[str, torch.Tensor] | None = None):
+        """``sizes``: each array's most entries and dtype. ``into``: device tensors that some
+        arrays are copied straight into (a CUDA graph's fixed inputs), instead of new buffers."""
+        into = into or {}
         self.on_cuda = device.type == "cuda"
         self.host: dict[str, torch.Tensor] = {}
         self.device: dict[str, torch.Tensor] = {}
@@ -22,7 +26,7 @@ class Staging:
                 self.host[name] = torch.zeros(n, dtype=dtype, pin_memory=True)
                 # One spare entry: a full step's view is then never its whole buffer, a case
                 # torch.compile would specialise on (and recompile for every other size).
-                self.device[name] = torch.zeros(n + 1, dtype=dtype, device=device)
+                self.device[name] = into.get(name, torch.zeros(n + 1, dtype=dtype, device=device))
         self.dtypes = {name: dtype for name, (_, dtype) in sizes.items()}
 
     def put(self, name: str, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
