@@ -2,6 +2,9 @@
 
     python benchmarks/profile_step.py --model llama-1b --workload mixed --steps 40 --trace /tmp/trace.json
 
+``--engines 2`` profiles the same window in a second engine built after the first in one process
+(with ``--compile`` the first engine of a process ran slower; this shows where).
+
 Prints wall time per step, device (kernel) time per step, the host-side split recorded by the
 engine (scheduling/preparing/launching vs blocked on the device), and the top kernels.
 """
@@ -9,6 +12,8 @@ engine (scheduling/preparing/launching vs blocked on the device), and the top ke
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from contextlib import nullcontext
 
@@ -34,6 +39,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-profiler", action="store_true", help="time the window without the torch profiler's overhead")
     p.add_argument("--config", nargs="*", default=[], help="more EngineConfig field=value")
+    p.add_argument("--engines", type=int, default=1,
+                   help="profile the same window in this many engines built one after another in this process")
     args = p.parse_args()
 
     model = build_model(args.model, torch.bfloat16, "cuda")
@@ -42,11 +49,17 @@ def main() -> None:
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
         **parse_config(args.config),
     )
-    import cProfile
-    import pstats
+    for i in range(args.engines):
+        start = time.perf_counter()
+        engine = hf_cb.get_engine(model, config)
+        print(f"\n== engine {i + 1} of {args.engines}: built in {time.perf_counter() - start:.1f} s")
+        profile_window(engine, wl, args)
+        hf_cb.release(model)
 
+
+def profile_window(engine, wl, args) -> None:
+    """Run the workload on ``engine`` up to the end of the window; print the window's numbers."""
     host_prof = cProfile.Profile()
-    engine = hf_cb.get_engine(model, config)
     seqs = [engine.add_request(pr, SamplingParams(n), seed=0, index=i) for i, (pr, n) in enumerate(zip(wl.prompts, wl.output_lens))]
 
     class WindowDone(Exception):

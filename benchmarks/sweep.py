@@ -55,12 +55,12 @@ def _parse_value(text: str):
 
 def _run_fresh_stats(model, wl: Workload, config: hf_cb.EngineConfig, last: dict) -> list[list[int]]:
     """`run_hf_cb`, with the engine's step counters covering this run only; ``last`` gets the
-    number of graphs torch.compile compiled during the run (recompiles) and the time spent in
+    number of frames torch.compile compiled during the run (recompiles) and the time spent in
     garbage collection."""
     from torch._dynamo.utils import counters
 
     hf_cb.get_engine(model, config).stats = StepStats()
-    graphs_before = counters["stats"]["unique_graphs"]
+    frames_before = counters["frames"]["ok"]
     pauses, started = [], []
 
     def on_gc(phase: str, info: dict) -> None:
@@ -74,7 +74,7 @@ def _run_fresh_stats(model, wl: Workload, config: hf_cb.EngineConfig, last: dict
         outs = run_hf_cb(model, wl, config, progress=False)
     finally:
         gc.callbacks.remove(on_gc)
-    last["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+    last["compiled_frames"] = counters["frames"]["ok"] - frames_before
     last["gc_pause_s"] = sum(pauses)
     return outs
 
@@ -99,7 +99,7 @@ def main(argv=None) -> list[dict]:
     roofline = roofline_tokens_per_s(model, wl, measure_bandwidth("cuda"), measure_matrix_rate("cuda", torch.bfloat16))
     print(f"{args.model} {workload}: roofline {roofline:,.0f} output tok/s, {torch.cuda.get_device_name()}")
     print("| config | output tok/s | fraction of roofline | steps | decode steps | host ms/step | wait ms/step "
-          "| graphs compiled in the run | GC pauses (s) |")
+          "| frames compiled in the run | GC pauses (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for values in itertools.product(*grid.values()):
@@ -113,7 +113,7 @@ def main(argv=None) -> list[dict]:
         label = " ".join(f"{k}={v}" for k, v in point.items()) or "defaults"
         print(f"| {label} | {r.output_tok_s:,.0f} | {r.output_tok_s / roofline:.3f} | {stats['steps']} | "
               f"{stats['decode_steps']} | {stats['host_ms_per_step']:.2f} | {stats['wait_ms_per_step']:.2f} | "
-              f"{stats['compiled_graphs']} | {stats['gc_pause_s']:.2f} |",
+              f"{stats['compiled_frames']} | {stats['gc_pause_s']:.2f} |",
               flush=True)
         rows.append({"config": point, "output_tok_s": r.output_tok_s, "roofline": roofline, "stats": stats})
     if args.json:
