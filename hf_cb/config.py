@@ -11,13 +11,14 @@ class EngineConfig:
     """How the continuous-batching engine is sized and run.
 
     Attributes:
-        page_size: tokens per KV page.
+        page_size: tokens per KV page. 16, 32 and 64 were within 2 % on W1 (README); larger
+            pages waste more of each sequence's last page.
         num_pages: pages in the pool. ``None``: on CUDA, sized from the memory free after a
             worst-case step (see ``memory_utilization``); elsewhere ``cpu_kv_cache_bytes`` worth,
             at most ``cpu_max_pages``.
-        max_num_seqs: most requests in one step (and the largest decode CUDA graph). With
-            ``compile`` 256 beat 1024 on W1 (39.1k vs 28.7k tok/s, llama-1b on an H200); offline
-            runs of many requests gain from 1024 (W4 on llama-8b: 21.0k vs 16.9k). See README.
+        max_num_seqs: most requests in one step (and the largest decode CUDA graph). Offline
+            batches of many requests gain from 1024 (W4 on llama-8b: 22.2k vs 16.9k tok/s on an
+            H200; W3 +6 %), at the cost of capturing four times as many graphs. See README.
         max_num_batched_tokens: most tokens (prefill chunks plus decode rows) in one step;
             longer prompts are prefilled in chunks of at most this many tokens. 16384 beat
             8192 on W3 (benchmarks/sweep.py; README), as in vLLM's offline default.
