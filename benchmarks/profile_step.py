@@ -101,7 +101,9 @@ def profile_window(engine, wl, args) -> None:
     print(f"host blocked per step    {(w1 - w0) / n * 1e3:8.3f} ms  (waiting for sampled tokens)")
     if prof is not None:
         events = prof.key_averages()
-        device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / n
+        # ProfilerStep* spans the window's steps on the device too: counting it would double the sum.
+        device_us = sum(e.self_device_time_total for e in events
+                        if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")) / n
         print(f"device kernels per step  {device_us / 1e3:8.3f} ms")
         print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     if args.cprofile:
