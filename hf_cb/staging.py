@@ -26,7 +26,7 @@ class Staging:
                 self.host[name] = torch.zeros(n, dtype=dtype, pin_memory=True)
                 # One spare entry: a full step's view is then never its whole buffer, a case
                 # torch.compile would specialise on (and recompile for every other size).
-                self.device[name] = into.get(name, torch.zeros(n + 1, dtype=dtype, device=device))
+                self.device[name] = into[name] if name in into else torch.zeros(n + 1, dtype=dtype, device=device)
         self.dtypes = {name: dtype for name, (_, dtype) in sizes.items()}
 
     def put(self, name: str, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
