@@ -6,7 +6,8 @@ Transformers and adds ``generate_batch_continuous`` to every generative model.
 
 from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
-from .engine import LLMEngine, ModelNotSupported
+from .engine import LLMEngine
+from .model_support import ModelNotSupported
 from .generation_mixin import (
     disable,
     enable,
