@@ -73,7 +73,7 @@ def profile_window(engine, wl, args) -> None:
     with profiler as prof:
         counter = [0]
 
-        def on_step():
+        def on_step(_updated):
             counter[0] += 1
             if counter[0] == args.skip_steps + 5:
                 if args.cprofile:

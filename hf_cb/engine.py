@@ -28,7 +28,7 @@ from .model_runner import ModelRunner, StepHandle
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence
+from .sequence import FinishReason, Sequence
 from .torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger("hf_cb")
@@ -122,6 +122,7 @@ class LLMEngine:
         self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
+        self._in_flight: StepHandle | None = None
         self.num_generated_tokens = 0
         self.stats = StepStats()
 
@@ -205,6 +206,9 @@ class LLMEngine:
         """Raise a ValueError naming the problem if the request can never run."""
         if len(prompt_ids) == 0:
             raise ValueError(f"prompt {index} is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)]
+        if bad:
+            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad[0]!r}")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(
@@ -224,43 +228,74 @@ class LLMEngine:
             )
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, seed: int, index: int = 0) -> Sequence:
+        """Queue a request (checked first); it runs from the next `step`."""
         self.check_request(index, prompt_ids, params)
         seq = Sequence(next(self._seq_ids), list(prompt_ids), params, seed, index)
         self.scheduler.add(seq)
         return seq
 
+    def finish(self, seq: Sequence, reason: FinishReason = "abort", num_generated: int | None = None) -> None:
+        """End a sequence early: a stop string found by the caller (keep ``num_generated``
+        tokens) or an abort (keep what is resolved). Its pages are freed at once; tokens still
+        in flight for it are dropped when they arrive."""
+        seq.truncate(seq.num_resolved if num_generated is None else num_generated)
+        seq.finish_reason = reason
+        self.scheduler.abort(seq)
+
     # -- running -----------------------------------------------------------------------------
 
-    def run(self, seqs: list[Sequence], progress: bool = False, on_step: Callable[[], None] | None = None) -> None:
-        """Step until every queued sequence is done. With ``async_scheduling`` the host schedules
-        and launches step n+1 before it reads step n's tokens. On any error (Ctrl-C included)
-        the queue is dropped and its pages freed, so the engine stays usable. ``on_step`` is
-        called after every step (profilers hook in there)."""
-        overlap = self.config.async_scheduling and all(s.params.repetition_penalty == 1.0 for s in seqs)
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def step(self) -> list[Sequence]:
+        """Launch the next step and resolve the one in flight; return the sequences that got a
+        token (a sequence is done when ``seq.is_done``). With ``async_scheduling`` the next step
+        is launched before the previous one's tokens are read, so the host prepares step n+1
+        while the device runs step n; a step whose rows read their generated tokens (penalties)
+        waits for them first."""
+        updated: list[Sequence] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and not self._can_overlap():
+            updated += self._resolve(prev)
+            prev = None
+        handle = self._launch_next(prev) if self.scheduler.has_unfinished() else None
+        if prev is not None:
+            updated += self._resolve(prev)
+        self._in_flight = handle
+        return updated
+
+    def _can_overlap(self) -> bool:
+        return self.config.async_scheduling and not any(s.params.needs_history for s in self.scheduler.running)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop the step in flight and every queued sequence, freeing their pages (after an
+        error, so that the engine stays usable); return the sequences dropped."""
+        self._in_flight = None
+        seqs = self.scheduler.abort_all()
+        for seq in seqs:
+            seq.truncate(seq.num_resolved)
+            seq.finish_reason = "abort"
+        return seqs
+
+    def run(self, seqs: list[Sequence], progress: bool = False,
+            on_step: Callable[[list[Sequence]], None] | None = None) -> None:
+        """Step until every queued sequence is done. On any error (Ctrl-C included) the queue
+        is dropped and its pages freed, so the engine stays usable. ``on_step`` gets each step's
+        updated sequences (stop strings, streamers and profilers hook in there)."""
         bar = tqdm(total=len(seqs), disable=not progress, unit="req", desc="hf_cb")
         start, generated_before = time.perf_counter(), self.num_generated_tokens
-
-        def resolve(handle: StepHandle) -> None:
-            done = self._resolve(handle)
-            if done:
-                rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
-                bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
-                bar.update(len(done))
-
-        prev: StepHandle | None = None
         try:
-            while self.scheduler.has_unfinished() or prev is not None:
-                handle = self._launch_next(prev)
-                if prev is not None:
-                    resolve(prev)
-                prev = handle
-                if not overlap and prev is not None:
-                    resolve(prev)
-                    prev = None
+            while self.has_unfinished():
+                updated = self.step()
                 if on_step is not None:
-                    on_step()
+                    on_step(updated)
+                done = sum(s.is_done for s in updated)
+                if done:
+                    rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
+                    bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+                    bar.update(done)
         except BaseException:
-            self.scheduler.abort_all()
+            self.abort_all()
             raise
         finally:
             bar.close()
@@ -283,13 +318,13 @@ class LLMEngine:
 
     def _resolve(self, handle: StepHandle) -> list[Sequence]:
         start = time.perf_counter()
-        tokens = self.runner.wait(handle)
+        tokens, logprobs = self.runner.wait(handle)
         waited = time.perf_counter()
-        done = self.scheduler.resolve(handle.batch, tokens)
+        updated = self.scheduler.resolve(handle.batch, tokens, logprobs)
         self.num_generated_tokens += len(tokens)
         self.stats.wait_s += waited - start
         self.stats.host_s += time.perf_counter() - waited
-        return done
+        return updated
 
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""

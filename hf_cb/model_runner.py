@@ -18,9 +18,9 @@ from .attention_interface import STEP_KWARG
 from .cuda_graphs import DecodeGraphs
 from .manager import PageManager, PageTable
 from .paged_cache import PagedCache
-from .sampling import SamplingBatch, make_sampling_batch, sample
+from .sampling import SamplingBatch, compute_logprobs, is_greedy, make_sampling_batch, sample
 from .scheduler import ScheduledBatch
-from .sequence import PENDING
+from .sequence import PENDING, TokenLogprob
 from .staging import Staging
 
 
@@ -38,12 +38,14 @@ class StepInputs:
 @dataclass
 class StepHandle:
     """A launched step: its sampled tokens (sample-row order) on the device and, once `event`
-    has fired, in ``host_tokens``."""
+    has fired, in ``host_tokens``; likewise its packed log-probabilities when a row asked."""
 
     batch: ScheduledBatch
     tokens: torch.Tensor
     host_tokens: torch.Tensor
     event: torch.cuda.Event | None
+    host_logprobs: torch.Tensor | None = None  # [S, 1 + 2k], see sampling.compute_logprobs
+    num_logprobs: int = 0
 
 
 class ModelRunner:
@@ -68,11 +70,17 @@ class ModelRunner:
         self._mask_sentinel = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         # Pinned buffers are rewritten only after the copies of the previous step have run.
         self._inputs_copied = torch.cuda.Event() if self.on_cuda else None
-        self._host_tokens = [self._new_host_tokens(max_num_seqs) for _ in range(2)]
+        # Read-back buffers, two of each: step n+1 is launched before step n's are read.
+        self._host: dict[tuple[str, int], torch.Tensor] = {}
         self._parity = 0
 
-    def _new_host_tokens(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=torch.int64, pin_memory=self.on_cuda)
+    def _host_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """This parity's pinned buffer ``name``, grown to hold ``shape``."""
+        key = (name, self._parity)
+        buf = self._host.get(key)
+        if buf is None or buf.numel() < np.prod(shape):
+            buf = self._host[key] = torch.zeros(max(int(np.prod(shape)), 1), dtype=dtype, pin_memory=self.on_cuda)
+        return buf[: int(np.prod(shape))].view(shape)
 
     # -- preparing ---------------------------------------------------------------------------
 
@@ -109,12 +117,15 @@ class ModelRunner:
             fill_pending(self.graphs.input_ids[0], inputs, prev_tokens)
             self._record_inputs_copied()
             tokens, logits = self.graphs.replay(size, len(batch.seqs))
-            if not _is_greedy(sampling):
+            if not is_greedy(sampling):
                 tokens = sample(logits.float(), sampling)
         else:
             logits = self._forward_eager(inputs, prev_tokens)
             tokens = sample(logits.float(), sampling)
-        return self._read_back(batch, tokens)
+        logprobs = None
+        if sampling.num_logprobs is not None:
+            logprobs = compute_logprobs(logits, tokens, sampling.num_logprobs)
+        return self._read_back(batch, tokens, logprobs, sampling.num_logprobs or 0)
 
     def _forward_eager(self, inputs: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         """Logits ``[S, V]`` of the sampling rows, from the model's own forward."""
@@ -161,29 +172,35 @@ class ModelRunner:
             self.device,
         )
 
-    def _read_back(self, batch: ScheduledBatch, tokens: torch.Tensor) -> StepHandle:
-        n = len(tokens)
+    def _read_back(self, batch: ScheduledBatch, tokens: torch.Tensor, logprobs: torch.Tensor | None,
+                   num_logprobs: int) -> StepHandle:
         self._parity ^= 1
-        host = self._host_tokens[self._parity]
-        if len(host) < n:
-            host = self._host_tokens[self._parity] = self._new_host_tokens(n)
-        host = host[:n]
+        host = self._host_buffer("tokens", tuple(tokens.shape), torch.int64)
         host.copy_(tokens, non_blocking=self.on_cuda)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = self._host_buffer("logprobs", tuple(logprobs.shape), torch.float32)
+            host_logprobs.copy_(logprobs, non_blocking=self.on_cuda)
         event = None
         if self.on_cuda:
             event = torch.cuda.Event()
             event.record()
-        return StepHandle(batch, tokens, host, event)
+        return StepHandle(batch, tokens, host, event, host_logprobs, num_logprobs)
 
-    def wait(self, handle: StepHandle) -> list[int]:
-        """The step's sampled tokens, in sample-row order (the one sync of a step)."""
+    def wait(self, handle: StepHandle) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """The step's sampled tokens, in sample-row order (the one sync of a step), and their
+        log-probabilities for the rows that asked."""
         if handle.event is not None:
             handle.event.synchronize()
-        return handle.host_tokens.tolist()
+        tokens = handle.host_tokens.tolist()
+        if handle.host_logprobs is None:
+            return tokens, None
+        wants = [handle.batch.seqs[r].params.logprobs for r in handle.batch.sample_rows]
+        return tokens, unpack_logprobs(tokens, handle.host_logprobs.tolist(), wants, handle.num_logprobs)
 
     def run(self, batch: ScheduledBatch) -> list[int]:
-        """Launch one step and wait for it (no overlap)."""
-        return self.wait(self.launch(batch, None))
+        """Launch one step and wait for its tokens (no overlap)."""
+        return self.wait(self.launch(batch, None))[0]
 
 
 def fill_pending(input_ids: torch.Tensor, inputs: StepInputs, prev_tokens: torch.Tensor | None) -> None:
@@ -195,5 +212,11 @@ def fill_pending(input_ids: torch.Tensor, inputs: StepInputs, prev_tokens: torch
         input_ids.index_copy_(0, inputs.pending_dst, prev_tokens.index_select(0, inputs.pending_src))
 
 
-def _is_greedy(batch: SamplingBatch) -> bool:
-    return batch.do_sample is None and batch.penalty is None and batch.ban_eos is None
+def unpack_logprobs(tokens: list[int], rows: list[list[float]], wants: list[int | None],
+                    k: int) -> list[TokenLogprob | None]:
+    """`TokenLogprob`s from `compute_logprobs` rows: each row keeps the alternatives it asked
+    for (``wants``; None: no log-probabilities)."""
+    return [
+        None if want is None else TokenLogprob(token, row[0], [(int(i), lp) for i, lp in zip(row[1 : 1 + want], row[1 + k : 1 + k + want])])
+        for token, row, want in zip(tokens, rows, wants)
+    ]

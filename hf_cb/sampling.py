@@ -1,9 +1,11 @@
 """Per-request sampling with Transformers' semantics, vectorised over the rows of a step.
 
-The processors run in the order `generate` applies them: repetition penalty, the minimum-length
-EOS ban, then (sampling rows only) temperature, top-k, top-p and min-p. Random draws come from a
-counter-based hash of (seed, output index, token id): a seeded request draws the same numbers
-whatever else is in the batch, and nothing holds generator state.
+The processors run in the order `generate` applies them: repetition penalty (then OpenAI's
+presence and frequency penalties, over the generated tokens as in vLLM), the minimum-length
+stop-token ban, then (sampling rows only) temperature, top-k, top-p and min-p. Random draws come
+from a counter-based hash of (seed, output index, token id): a seeded request draws the same
+numbers whatever else is in the batch, and nothing holds generator state. Log-probabilities are
+those of the model's raw distribution (before any processor), as vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from typing import Sequence as Seq
 import torch
 
 _NEG_INF = float("-inf")
+MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default cap; OpenAI allows 20)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens. Neutral values switch a processor off."""
+    """How one request picks its tokens and when it stops. Neutral values switch a processor off.
+
+    ``eos_token_ids``: every token id that ends the sequence (the model's EOS unless ignored, and
+    any stop token ids); banned until ``min_new_tokens`` are generated. ``logprobs``: None for
+    none, else the chosen token's log-probability and the ``logprobs`` most likely alternatives.
+    """
 
     max_new_tokens: int
     min_new_tokens: int = 0
@@ -28,7 +36,10 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -43,22 +54,39 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the tokens generated so far (a penalty), so the host must know
+        them before the next step is prepared."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass
 class SamplingBatch:
     """One step's sampling inputs, a row per sampled sequence; ``None`` means unused this step."""
 
-    do_sample: torch.Tensor | None  # [B] bool
-    temperature: torch.Tensor | None  # [B, 1]
-    top_k: torch.Tensor | None  # [B] int64, 0 = off
-    top_p: torch.Tensor | None  # [B, 1]
-    min_p: torch.Tensor | None  # [B, 1]
-    seeds: torch.Tensor | None  # [B] int64
-    offsets: torch.Tensor | None  # [B] int64: index of the token being drawn
-    penalty: torch.Tensor | None  # [B, 1]
-    penalty_ids: torch.Tensor | None  # [B, L] int64, token ids seen so far (padded by repeats)
-    ban_eos: torch.Tensor | None  # [B, V] bool, True where an EOS token is banned
+    do_sample: torch.Tensor | None = None  # [B] bool
+    temperature: torch.Tensor | None = None  # [B, 1]
+    top_k: torch.Tensor | None = None  # [B] int64, 0 = off
+    top_p: torch.Tensor | None = None  # [B, 1]
+    min_p: torch.Tensor | None = None  # [B, 1]
+    seeds: torch.Tensor | None = None  # [B] int64
+    offsets: torch.Tensor | None = None  # [B] int64: index of the token being drawn
+    penalty: torch.Tensor | None = None  # [B, 1]
+    penalty_ids: torch.Tensor | None = None  # [B, L] int64, token ids seen so far (padded by repeats)
+    presence: torch.Tensor | None = None  # [B, 1]
+    frequency: torch.Tensor | None = None  # [B, 1]
+    output_ids: torch.Tensor | None = None  # [B, L] int64, generated ids, padded with V (counted nowhere)
+    ban_eos: torch.Tensor | None = None  # [B, V] bool, True where an EOS token is banned
+    num_logprobs: int | None = None  # alternatives to report per row (the most any row asked)
 
 
 def make_sampling_batch(
@@ -69,17 +97,22 @@ def make_sampling_batch(
     vocab_size: int,
     device: torch.device,
 ) -> SamplingBatch:
-    """Tensors for the rows of a step. ``token_ids`` are each row's prompt plus output so far."""
+    """Tensors for the rows of a step. ``token_ids`` are each row's prompt plus output so far;
+    only rows with a penalty read them (others may hold tokens still pending on the device)."""
     sampling = [p.do_sample for p in params]
-    any_sample = any(sampling)
-    penalised = any(p.repetition_penalty != 1.0 for p in params)
     banned = [(i, p.eos_token_ids) for i, p in enumerate(params) if num_generated[i] < p.min_new_tokens]
 
     def col(values, dtype=torch.float32):
         return torch.tensor(values, dtype=dtype).view(-1, 1).to(device, non_blocking=True)
 
-    batch = SamplingBatch(None, None, None, None, None, None, None, None, None, None)
-    if any_sample:
+    def padded(rows: list[list[int]], pad: int | None) -> torch.Tensor:
+        """Rows padded to one width with ``pad`` (None: the row's first id, a repeat)."""
+        width = max(map(len, rows))
+        rows = [r + [r[0] if pad is None else pad] * (width - len(r)) for r in rows]
+        return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+    batch = SamplingBatch()
+    if any(sampling):
         batch.do_sample = torch.tensor(sampling, dtype=torch.bool).to(device, non_blocking=True)
         batch.temperature = col([p.temperature if p.do_sample else 1.0 for p in params])
         if any(p.do_sample and p.top_k > 0 for p in params):
@@ -91,16 +124,23 @@ def make_sampling_batch(
             batch.min_p = col([p.min_p if p.do_sample else 0.0 for p in params])
         batch.seeds = torch.tensor(list(seeds), dtype=torch.int64).to(device, non_blocking=True)
         batch.offsets = torch.tensor(list(num_generated), dtype=torch.int64).to(device, non_blocking=True)
-    if penalised:
+    if any(p.repetition_penalty != 1.0 for p in params):
         batch.penalty = col([p.repetition_penalty for p in params])
-        width = max(len(ids) for ids in token_ids)
-        padded = [ids + [ids[0]] * (width - len(ids)) for ids in token_ids]
-        batch.penalty_ids = torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True)
+        # Unpenalised rows see token 0 with penalty 1: a no-op that reads no pending token.
+        batch.penalty_ids = padded([ids if p.repetition_penalty != 1.0 else [0] for ids, p in zip(token_ids, params)], None)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        batch.presence = col([p.presence_penalty for p in params])
+        batch.frequency = col([p.frequency_penalty for p in params])
+        outputs = [ids[len(ids) - n :] if (n and (p.presence_penalty or p.frequency_penalty)) else [vocab_size]
+                   for ids, n, p in zip(token_ids, num_generated, params)]
+        batch.output_ids = padded(outputs, vocab_size)
     if banned:
         ban = torch.zeros(len(params), vocab_size, dtype=torch.bool)
         for row, eos_ids in banned:
             ban[row, list(eos_ids)] = True
         batch.ban_eos = ban.to(device, non_blocking=True)
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    batch.num_logprobs = max(requested) if requested else None
     return batch
 
 
@@ -109,6 +149,18 @@ def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: t
     seen = logits.gather(1, ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return logits.scatter(1, ids, seen)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, output_ids: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's rule, as vLLM applies it: subtract ``frequency`` per earlier occurrence of a token
+    in the output and ``presence`` once if it occurred at all."""
+    batch, vocab = logits.shape
+    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -161,6 +213,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Pick one token per row of ``logits`` ``[B, V]`` (float32)."""
     if batch.penalty is not None:
         logits = apply_repetition_penalty(logits, batch.penalty_ids, batch.penalty)
+    if batch.output_ids is not None:
+        logits = apply_presence_frequency(logits, batch.output_ids, batch.presence, batch.frequency)
     if batch.ban_eos is not None:
         logits = logits.masked_fill(batch.ban_eos, _NEG_INF)
     greedy = logits.argmax(dim=-1)
@@ -177,3 +231,20 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     exp_noise = -torch.log(uniform_noise(batch.seeds, batch.offsets, logits.shape[-1]))
     drawn = (logits.softmax(dim=-1) / exp_noise).argmax(dim=-1)
     return torch.where(batch.do_sample, drawn, greedy)
+
+
+def is_greedy(batch: SamplingBatch) -> bool:
+    """Whether plain argmax of the raw logits picks every row's token."""
+    return batch.do_sample is None and batch.penalty is None and batch.output_ids is None and batch.ban_eos is None
+
+
+def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """``[S, 1 + 2k]`` float32 rows: the chosen token's log-probability, then the ids (exact in
+    float32 below 2**24) and log-probabilities of the ``k`` most likely tokens. One tensor, so
+    the host reads it back with one copy."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1))
+    if k == 0:
+        return chosen
+    top = logprobs.topk(k, dim=-1)
+    return torch.cat([chosen, top.indices.float(), top.values], dim=1)

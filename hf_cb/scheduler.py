@@ -14,7 +14,7 @@ from functools import cached_property
 
 from .config import EngineConfig
 from .manager import PageManager
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence, SequenceStatus, TokenLogprob
 
 
 @dataclass
@@ -137,30 +137,46 @@ class Scheduler:
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
 
-    def resolve(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
-        """Fill in a launched step's sampled tokens; return the sequences now done."""
-        done, finished = [], False
-        for row, index, token in zip(batch.sample_rows, batch.pending_index, tokens):
+    def resolve(self, batch: ScheduledBatch, tokens: list[int],
+                logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
+        """Fill in a launched step's sampled tokens (and their log-probabilities); return the
+        sequences that took a token (tokens after an EOS, or of a finished sequence whose tail
+        was cut, are dropped)."""
+        updated, finished = [], False
+        for k, (row, index, token) in enumerate(zip(batch.sample_rows, batch.pending_index, tokens)):
             seq = batch.seqs[row]
-            was_done = seq.is_done
-            if seq.resolve(index, token) and not seq.is_finished:
+            if index >= seq.num_tokens:
+                continue
+            if seq.resolve(index, token, logprobs[k] if logprobs is not None else None) and not seq.is_finished:
                 self._finish(seq)
                 finished = True
-            if seq.is_done and not was_done:
-                done.append(seq)
+            updated.append(seq)
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
             if any(s.is_finished for s in self.waiting):  # finished while preempted
                 self.waiting = deque(s for s in self.waiting if not s.is_finished)
-        return done
+        return updated
 
     def _finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
         self.manager.free(seq.seq_id)
 
-    def abort_all(self) -> None:
-        """Drop every queued and running sequence, freeing their pages."""
-        for seq in [*self.running, *self.waiting]:
+    def abort(self, seq: Sequence) -> None:
+        """Take an unfinished sequence out of the queues and free its pages at once. The next
+        step may reuse them: it runs after the step in flight on the device."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every queued and running sequence, freeing their pages; return them."""
+        seqs = [*self.running, *self.waiting]
+        for seq in seqs:
             self._finish(seq)
         self.running.clear()
         self.waiting.clear()
+        return seqs

@@ -8,7 +8,8 @@ from typing import Literal
 
 from .sampling import SamplingParams
 
-FinishReason = Literal["stop", "length"]
+# "abort": cancelled by its caller (a client that went away) or failed by the engine.
+FinishReason = Literal["stop", "length", "abort"]
 PENDING = -1  # a token sampled on the device whose value the host has not read yet
 
 
@@ -16,6 +17,16 @@ class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives
+    (``(token_id, logprob)``, most likely first) when asked for."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -28,7 +39,8 @@ class Sequence:
 
     With overlapped scheduling a sampled token is first appended as `PENDING` (its value is
     still on the device; ``pending_src`` is its row in that step's sampled tokens) and filled in
-    by `resolve` one step later; an EOS found then truncates what was appended after it.
+    by `resolve` one step later; an EOS found then truncates what was appended after it. Pending
+    tokens are always the last ``num_pending`` ones.
     """
 
     seq_id: int
@@ -42,10 +54,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_pending: int = 0
     pending_src: int = -1
+    logprobs: list[TokenLogprob | None] | None = None  # one per generated token, when asked for
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +69,11 @@ class Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def num_resolved(self) -> int:
+        """Generated tokens whose values the host knows (all but the pending tail)."""
+        return self.num_generated - self.num_pending
 
     @property
     def output_ids(self) -> list[int]:
@@ -71,25 +91,35 @@ class Sequence:
     def append_pending(self, src: int) -> None:
         """A token was sampled (row ``src`` of its step's tokens); finish on length."""
         self.token_ids.append(PENDING)
+        if self.logprobs is not None:
+            self.logprobs.append(None)
         self.num_pending += 1
         self.pending_src = src
         if self.num_generated >= self.params.max_new_tokens:
             self.finish_reason = "length"
 
-    def resolve(self, index: int, token_id: int) -> bool:
+    def resolve(self, index: int, token_id: int, logprob: TokenLogprob | None = None) -> bool:
         """Fill in the pending token at ``index``; return True if it is an EOS that ends the
-        sequence. Tokens appended after an EOS are dropped."""
-        if index >= len(self.token_ids):  # appended after an EOS, already dropped
-            return False
+        sequence. The caller skips tokens at or past ``num_tokens`` (dropped after an EOS)."""
         self.token_ids[index] = token_id
+        if self.logprobs is not None:
+            self.logprobs[index - len(self.prompt_ids)] = logprob
         self.num_pending -= 1
         # EOS cannot arrive before min_new_tokens: the sampler bans it until then.
         if token_id not in self.params.eos_token_ids:
             return False
-        self.num_pending -= len(self.token_ids) - index - 1
-        del self.token_ids[index + 1 :]
+        self.truncate(index + 1 - len(self.prompt_ids))
         self.finish_reason = "stop"
         return True
+
+    def truncate(self, num_generated: int) -> None:
+        """Keep the first ``num_generated`` generated tokens, all of them resolved: tokens after
+        them (pending ones included) are dropped, and their values ignored when they arrive."""
+        assert num_generated <= self.num_resolved, "only resolved tokens can be kept"
+        del self.token_ids[len(self.prompt_ids) + num_generated :]
+        if self.logprobs is not None:
+            del self.logprobs[num_generated:]
+        self.num_pending = 0
 
 
 @dataclass
@@ -98,12 +128,15 @@ class Completion:
 
     Attributes:
         prompt_ids: the prompt, without padding.
-        token_ids: generated tokens only; ends with the EOS token when it stopped on one.
-        finish_reason: ``"stop"`` (an EOS token) or ``"length"`` (``max_new_tokens`` reached).
+        token_ids: generated tokens only; ends with the stop token when it stopped on one.
+        finish_reason: ``"stop"`` (a stop token or string), ``"length"`` (``max_new_tokens``
+            reached) or ``"abort"``.
         text: ``token_ids`` decoded with special tokens skipped, when a tokenizer was given.
+        logprobs: one `TokenLogprob` per generated token, when ``logprobs=`` was given.
     """
 
     prompt_ids: list[int]
     token_ids: list[int]
     finish_reason: FinishReason
     text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
