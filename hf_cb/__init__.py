@@ -8,15 +8,8 @@ from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
 from .engine import LLMEngine
 from .model_support import ModelNotSupported
-from .generation_mixin import (
-    disable,
-    enable,
-    generate,
-    generate_batch_continuous,
-    get_engine,
-    install,
-    release,
-)
+from .generation_mixin import disable, enable, generate, generate_batch_continuous, install
+from .model_engine import get_engine, release
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .sequence import Completion

@@ -123,6 +123,7 @@ class LLMEngine:
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
         self._in_flight: StepHandle | None = None
+        self.owner = None  # the OnlineEngine whose thread steps this engine, if any
         self.num_generated_tokens = 0
         self.stats = StepStats()
 
@@ -270,11 +271,17 @@ class LLMEngine:
     def abort_all(self) -> list[Sequence]:
         """Drop the step in flight and every queued sequence, freeing their pages (after an
         error, so that the engine stays usable); return the sequences dropped."""
+        return self._abort([*self.scheduler.running, *self.scheduler.waiting])
+
+    def abort_running(self) -> list[Sequence]:
+        """After a failed step: drop the step in flight and the sequences it may have touched
+        (running ones, and preempted ones whose last token was in flight); the rest stay queued."""
+        return self._abort([*self.scheduler.running, *(s for s in self.scheduler.waiting if s.num_pending)])
+
+    def _abort(self, seqs: list[Sequence]) -> list[Sequence]:
         self._in_flight = None
-        seqs = self.scheduler.abort_all()
         for seq in seqs:
-            seq.truncate(seq.num_resolved)
-            seq.finish_reason = "abort"
+            self.finish(seq, "abort")
         return seqs
 
     def run(self, seqs: list[Sequence], progress: bool = False,
@@ -328,6 +335,6 @@ class LLMEngine:
 
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""
-        self.scheduler.abort_all()
+        self.abort_all()
         self.model.set_attn_implementation(self._original_attn)
         self.cache.layers.clear()

@@ -4,7 +4,6 @@ lives on the model between calls."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +13,10 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import EngineConfig
 from .engine import LLMEngine
+from .model_engine import get_engine
 from .sampling import SamplingParams
 from .sequence import Completion, Sequence
 
-_ENGINE_ATTR = "_hf_cb_engine"
 _STOCK_GENERATE_ATTR = "_hf_cb_stock_generate"
 
 # generate() arguments that change decoding in ways hf_cb does not reproduce, with the value
@@ -71,34 +70,6 @@ def unsupported_reason(config: GenerationConfig) -> str | None:
         if value not in neutral:
             return f"{name}={value!r}"
     return None
-
-
-# -- the engine on the model ---------------------------------------------------------------
-
-
-def get_engine(model: torch.nn.Module, engine_config: EngineConfig | None = None) -> LLMEngine:
-    """The model's engine, built on first use (or rebuilt for a different config)."""
-    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
-    if engine is not None and engine_config is not None and engine_config != engine.config:
-        release(model)
-        engine = None
-    if engine is None:
-        engine = LLMEngine(model, engine_config)
-        object.__setattr__(model, _ENGINE_ATTR, engine)
-    return engine
-
-
-def release(model: torch.nn.Module) -> None:
-    """Free the model's engine and its page pool; the next call builds a new one."""
-    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
-    if engine is not None:
-        engine.release()
-        object.__delattr__(model, _ENGINE_ATTR)
-        del engine
-        gc.unfreeze()  # the engine froze the heap (engine.freeze_heap)
-        gc.collect()  # the engine's parts refer to each other: free the pages now, not later
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # -- generate_batch_continuous ---------------------------------------------------------------

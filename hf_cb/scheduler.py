@@ -171,12 +171,3 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self._finish(seq)
-
-    def abort_all(self) -> list[Sequence]:
-        """Drop every queued and running sequence, freeing their pages; return them."""
-        seqs = [*self.running, *self.waiting]
-        for seq in seqs:
-            self._finish(seq)
-        self.running.clear()
-        self.waiting.clear()
-        return seqs

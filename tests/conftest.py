@@ -99,3 +99,23 @@ def word_tokenizer(vocab_size: int = VOCAB):
 
 def words(ids: list[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
+
+
+def byte_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE fast tokenizer (as GPT-2 or Llama 3) trained on a little English, so
+    Chinese characters and emoji split into byte tokens. Ids 0-2 are <pad>/<s>/</s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, the capital of France is Paris"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )

@@ -1,0 +1,40 @@
+"""The engine that lives on a model between calls, so the page pool is allocated once."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from .config import EngineConfig
+from .engine import LLMEngine
+
+_ENGINE_ATTR = "_hf_cb_engine"
+
+
+def get_engine(model: torch.nn.Module, engine_config: EngineConfig | None = None) -> LLMEngine:
+    """The model's engine, built on first use (or rebuilt for a different config)."""
+    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None and engine_config is not None and engine_config != engine.config:
+        release(model)
+        engine = None
+    if engine is None:
+        engine = LLMEngine(model, engine_config)
+        object.__setattr__(model, _ENGINE_ATTR, engine)
+    return engine
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free the model's engine and its page pool; the next call builds a new one. An online
+    engine stepping it is shut down first."""
+    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        if engine.owner is not None:
+            engine.owner.shutdown()
+        engine.release()
+        object.__delattr__(model, _ENGINE_ATTR)
+        del engine
+        gc.unfreeze()  # the engine froze the heap (engine.freeze_heap)
+        gc.collect()  # the engine's parts refer to each other: free the pages now, not later
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
