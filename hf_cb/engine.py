@@ -23,7 +23,7 @@ from .cuda_graphs import DecodeGraphs
 from .flashinfer_backend import FlashInferBackend
 from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
 from .manager import PageManager
-from .model_support import AttentionShape, attention_shape, layer_windows
+from .model_support import AttentionShape, add_step_hooks, attention_shape, layer_windows, probe_attention
 from .model_runner import ModelRunner, StepHandle
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
@@ -106,6 +106,16 @@ class LLMEngine:
         self.model = model
         self.windows = layer_windows(model)
         self.shape = attention_shape(model)
+        # Judge the model by what it does (one tiny step), not by its class's flags.
+        self._step_hooks = add_step_hooks(model) if probe_attention(model) else []
+        self._original_attn = model.config._attn_implementation
+        try:
+            self._start(model, config)
+        except BaseException:
+            self._detach()
+            raise
+
+    def _start(self, model: torch.nn.Module, config: EngineConfig) -> None:
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -119,7 +129,6 @@ class LLMEngine:
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
         self.forward = compile_forward(model, self.shape.num_layers) if config.compile else model
 
-        self._original_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
         self._in_flight: StepHandle | None = None
@@ -336,5 +345,11 @@ class LLMEngine:
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""
         self.abort_all()
-        self.model.set_attn_implementation(self._original_attn)
+        self._detach()
         self.cache.layers.clear()
+
+    def _detach(self) -> None:
+        """Take hf_cb's hooks and attention implementation off the model."""
+        for hook in self._step_hooks:
+            hook.remove()
+        self.model.set_attn_implementation(self._original_attn)

@@ -1,12 +1,37 @@
-"""Which models hf_cb can serve, and the shape of their attention."""
+"""Which models hf_cb can serve, and the shape of their attention.
+
+A model is judged by what it does, not by the flags its class sets: `probe_attention` runs one
+tiny packed step through hf_cb's attention and checks that every attention layer wrote its K/V
+through the `Cache` and attended through the ``"hf_cb"`` function, and that the logits equal
+the model's own forward.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.utils.hooks import RemovableHandle
+
+from .attention_interface import ATTENTION_NAME, STEP_KWARG, AttentionStep, register
+from .manager import PageManager
+from .paged_cache import PagedCache
+from .torch_backend import TorchAttentionBackend
 
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# Two sequences packed in one row, as the engine packs a step; page size 4 so each spans pages.
+_PROBE_LENGTHS = (3, 5)
+_PROBE_PAGE_SIZE = 4
+# Per token, |logits - own forward's| over the spread of the own forward's. Measured on random
+# models: hf_cb and the model's own kernels differ by 0 in float32 (CPU and H200), up to 0.018
+# in bf16 (12 layers, H200); positions taken from the wrong place give 0.05 (12 layers, small
+# weights) to 0.3-1 (the tests' models). Only gross errors are refused in half precision.
+_MAX_LOGIT_ERROR = {torch.float32: 0.01, torch.float64: 0.01}
+_MAX_LOGIT_ERROR_HALF = 0.1
 
 
 class ModelNotSupported(ValueError):
@@ -25,10 +50,6 @@ def layer_windows(model: torch.nn.Module) -> list[int | None]:
         raise ModelNotSupported(
             f"{name} has layers of type {unsupported}, which do not attend through the attention "
             "interface; hf_cb serves full and sliding-window attention layers"
-        )
-    if not model.is_backend_compatible():
-        raise ModelNotSupported(
-            f"{name} does not route attention through transformers' AttentionInterface"
         )
     if any(hasattr(m, "sinks") for m in model.modules()):
         raise ModelNotSupported(f"{name} uses attention sinks, which hf_cb does not support")
@@ -49,10 +70,211 @@ class AttentionShape:
 
 def attention_shape(model: torch.nn.Module) -> AttentionShape:
     config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:  # RWKV, xLSTM...: no attention at all
+        raise ModelNotSupported(f"{type(model).__name__}'s config names no attention heads; hf_cb serves attention LMs")
     return AttentionShape(
         num_layers=config.num_hidden_layers,
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
     )
+
+
+# -- the probe -----------------------------------------------------------------------------
+
+
+class RecordingStep:
+    """A backend step that counts, per cache layer, the calls of `write_kv` and `attend`.
+
+    Layers are told apart by their page tensors: `PagedCache.update` returns the layer's own
+    tensors, and the attention function must receive exactly those (key None: it did not)."""
+
+    def __init__(self, step: AttentionStep, cache: PagedCache):
+        self.step = step
+        self._layer_of = {(id(layer.keys), id(layer.values)): i for i, layer in enumerate(cache.layers)}
+        self.writes: Counter[int | None] = Counter()
+        self.attends: Counter[int | None] = Counter()
+
+    def write_kv(self, k_cache, v_cache, key, value) -> None:
+        self.writes[self._layer_of.get((id(k_cache), id(v_cache)))] += 1
+        self.step.write_kv(k_cache, v_cache, key, value)
+
+    def attend(self, query, k_cache, v_cache, **kwargs) -> torch.Tensor:
+        self.attends[self._layer_of.get((id(k_cache), id(v_cache)))] += 1
+        return self.step.attend(query, k_cache, v_cache, **kwargs)
+
+
+def probe_attention(model: torch.nn.Module) -> bool:
+    """Run one tiny step (two short prompts packed in one row) through hf_cb's attention;
+    raise `ModelNotSupported` unless every attention layer wrote its K/V once through the
+    Cache and attended over those pages through the ``"hf_cb"`` function, and the logits match
+    the model's own forward. The model is left as it was (attention implementation, modes).
+
+    Returns whether the engine must install `add_step_hooks`: True for a model whose decoder
+    layers do not pass keyword arguments on to their attention (StableLM, Nemotron), which
+    passes the probe only with the hooks."""
+    register()
+    name = type(model).__name__
+    windows, shape = layer_windows(model), attention_shape(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompts = [(torch.arange(n) * 7 + 3 + i) % vocab for i, n in enumerate(_PROBE_LENGTHS)]
+    original = _attn_implementations(model.config)
+    with torch.no_grad(), _eval_mode(model):
+        expected = torch.cat([_plain_logits(model, p) for p in prompts])
+        try:
+            _switch(model, name)
+            try:
+                _check_step(model, name, prompts, windows, shape, expected)
+                return False
+            except ModelNotSupported as refusal:
+                hooks = add_step_hooks(model)
+                try:
+                    _check_step(model, name, prompts, windows, shape, expected)
+                except ModelNotSupported:
+                    raise refusal from refusal.__cause__  # the reason without hooks
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                return True
+        finally:
+            model.set_attn_implementation(original)
+
+
+def add_step_hooks(model: torch.nn.Module) -> list[RemovableHandle]:
+    """Forward pre-hooks that hand the engine's step (`PagedCache.step`) to every module with a
+    ``layer_idx`` whose forward takes ``past_key_values`` and ``**kwargs`` (the attention
+    modules), for models whose decoder layers drop the keyword arguments of ``model(...)``.
+    Outside an engine step they do nothing; ``handle.remove()`` takes them off."""
+    return [
+        module.register_forward_pre_hook(_hand_step, with_kwargs=True)
+        for module in model.modules()
+        if hasattr(module, "layer_idx") and _takes_cache_and_kwargs(module)
+    ]
+
+
+def _takes_cache_and_kwargs(module: torch.nn.Module) -> bool:
+    params = inspect.signature(module.forward).parameters.values()
+    return any(p.name == "past_key_values" for p in params) and any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _hand_step(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, PagedCache) and cache.step is not None and STEP_KWARG not in kwargs:
+        return args, {**kwargs, STEP_KWARG: cache.step}
+    return None
+
+
+def _attn_implementations(config) -> dict:
+    """The config's attention implementation and its sub-configs', in the form
+    `set_attn_implementation` takes, so that a restore puts back each one. A sub-config never
+    set (None) cannot be set back to None: it gets the top-level one, as a plain string would."""
+    top = config._attn_implementation
+    subs = {key: getattr(config, key, None) for key in config.sub_configs}
+    return {"": top, **{key: c._attn_implementation or top for key, c in subs.items() if c is not None}}
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for the probe; each module's own training flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _plain_logits(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    """The model's own logits for one prompt, under its own attention implementation."""
+    ids = prompt.to(model.device)[None]
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0].float()
+
+
+def _switch(model: torch.nn.Module, name: str) -> None:
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, ImportError) as error:
+        raise ModelNotSupported(f"{name} refuses the attention implementation {ATTENTION_NAME!r}: {error}") from error
+    # For a class whose module has no AttentionInterface dispatch, Transformers (5.17 to 5.23)
+    # logs a warning and keeps the old implementation. The decoder's config is what counts: a
+    # multimodal wrapper may stay as it was while its language model switches.
+    if model.config.get_text_config(decoder=True)._attn_implementation != ATTENTION_NAME:
+        raise ModelNotSupported(
+            f"{name} cannot switch its attention implementation to {ATTENTION_NAME!r}: "
+            "its attention does not go through transformers' AttentionInterface"
+        )
+
+
+def _check_step(model, name, prompts, windows, shape, expected) -> None:
+    step, logits = _probe_step(model, name, prompts, windows, shape)
+    _check_layers(name, step, shape.num_layers)
+    _check_logits(name, logits, expected, _MAX_LOGIT_ERROR.get(model.dtype, _MAX_LOGIT_ERROR_HALF))
+
+
+def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, torch.Tensor]:
+    """One step of the packed prompts, with the arguments `ModelRunner` passes."""
+    lengths = [len(p) for p in prompts]
+    pages_per_seq = -(-max(lengths) // _PROBE_PAGE_SIZE)
+    num_pages = len(prompts) * pages_per_seq
+    device = model.device
+    cache = PagedCache(
+        shape.num_layers, num_pages, _PROBE_PAGE_SIZE, shape.num_kv_heads, shape.head_dim,
+        model.dtype, device, sliding_layers=[w is not None for w in windows],
+    )
+    manager = PageManager(num_pages, _PROBE_PAGE_SIZE, len(prompts), pages_per_seq)
+    for seq_id, n in enumerate(lengths):
+        manager.allocate(seq_id, n)
+    table = manager.build(list(range(len(prompts))), [0] * len(prompts), lengths)
+    step = cache.step = RecordingStep(TorchAttentionBackend(_PROBE_PAGE_SIZE, device).plan(table), cache)
+    try:
+        out = model(
+            input_ids=torch.cat(prompts).to(device)[None],
+            position_ids=torch.from_numpy(table.positions).to(device)[None],
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.arange(table.num_tokens, device=device),
+            **{STEP_KWARG: step},
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # the model's own code failed on hf_cb's inputs: say where
+        raise ModelNotSupported(
+            f"{name} failed a probe step through hf_cb's attention after {len(step.writes)} of "
+            f"{shape.num_layers} layers wrote K/V through the Cache and {len(step.attends)} called "
+            f"the attention interface with hf_cb's step: {type(error).__name__}: {error}"
+        ) from error
+    return step, out.logits[0].float()
+
+
+def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
+    if step.attends[None]:
+        raise ModelNotSupported(
+            f"{name} attends over other tensors than the K/V pages its Cache returned; hf_cb "
+            "needs each layer to attend over what `Cache.update` returns"
+        )
+    for calls, what in ((step.writes, "write their K/V through the Cache"),
+                        (step.attends, "call the attention interface")):
+        missing = [i for i in range(num_layers) if calls[i] == 0]
+        if missing:
+            raise ModelNotSupported(
+                f"{name}: {len(missing)} of {num_layers} attention layers did not {what} "
+                f"(layers {missing}); hf_cb serves models whose every layer does"
+            )
+    # Attending twice over the same pages is fine; a second write overwrites the first.
+    rewritten = [i for i in range(num_layers) if step.writes[i] > 1]
+    if rewritten:
+        raise ModelNotSupported(f"{name}: attention layers {rewritten} wrote K/V more than once in one step")
+
+
+def _check_logits(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    spread = (expected - expected.mean(-1, keepdim=True)).norm(dim=-1).clamp_min(1e-6)
+    error = float(((got - expected).norm(dim=-1) / spread).max())
+    if not error <= tolerance:  # NaN too
+        raise ModelNotSupported(
+            f"{name} computes different logits through hf_cb (relative error {error:.3f} on a "
+            "packed probe step): its forward depends on more than position_ids and the Cache, "
+            "e.g. positions taken from the attention mask or the input ids"
+        )
