@@ -14,7 +14,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .config import EngineConfig
 from .engine import LLMEngine
 from .model_engine import get_engine
-from .sampling import SamplingParams
+from .sampling import SamplingParams, random_seed, sample_seed
 from .sequence import Completion, Sequence
 
 _STOCK_GENERATE_ATTR = "_hf_cb_stock_generate"
@@ -138,16 +138,6 @@ def _params(config: GenerationConfig, prompt_len: int, max_new_tokens: int | Non
     )
 
 
-def _random_seed() -> int:
-    # Drawn from torch's generator, so torch.manual_seed makes unseeded calls repeatable.
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _stream_seed(seed: int, sample_index: int) -> int:
-    """Distinct streams for the num_return_sequences samples of one seeded input."""
-    return (seed * 0x9E3779B1 + sample_index) % (1 << 62)
-
-
 def _run(engine: LLMEngine, prompts, params, seeds, progress: bool) -> list[Sequence]:
     """Check every request, then queue and run them all; sequences in input order."""
     for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -197,7 +187,7 @@ def generate_batch_continuous(
         for j in range(n):
             req_prompts.append(prompt)
             req_params.append(params)
-            req_seeds.append(_random_seed() if s is None else _stream_seed(int(s), j))
+            req_seeds.append(random_seed() if s is None else sample_seed(int(s), j))
 
     engine = get_engine(self, engine_config)
     show = len(req_prompts) >= 32 if progress is None else progress
@@ -238,7 +228,7 @@ def generate(
     prompts = _unpad(input_ids, model_kwargs.get("attention_mask"))
     params = _params(generation_config, prompt_len, generation_config.max_length - prompt_len)
     engine = get_engine(model, engine_config)
-    seqs = _run(engine, prompts, [params] * batch, [_random_seed() for _ in range(batch)], False)
+    seqs = _run(engine, prompts, [params] * batch, [random_seed() for _ in range(batch)], False)
 
     pad = generation_config.pad_token_id
     if pad is None:

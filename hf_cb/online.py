@@ -24,7 +24,7 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_engine import get_engine
-from .sampling import SamplingParams
+from .sampling import SamplingParams, random_seed
 from .sequence import FinishReason, Sequence, TokenLogprob
 
 logger = logging.getLogger("hf_cb")
@@ -263,7 +263,7 @@ class OnlineEngine:
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special_tokens, stop=stop,
                                            include_stop=include_stop, min_tokens=params.min_new_tokens)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = random_seed()
         stream = RequestStream(self, prompt_ids, params, seed, notifier, detok)
         self._post(("add", stream))
         return stream

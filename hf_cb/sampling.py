@@ -187,6 +187,18 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, _NEG_INF)
 
 
+def random_seed() -> int:
+    """A seed for an unseeded request, drawn from torch's generator, so that
+    ``torch.manual_seed`` makes unseeded calls repeatable."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample ``sample_index`` of a seeded request with ``n`` samples: distinct
+    streams, the same ones every time."""
+    return (seed * 0x9E3779B1 + sample_index) % (1 << 62)
+
+
 # splitmix64 constants as signed 64-bit integers (torch has no uint64 arithmetic).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)

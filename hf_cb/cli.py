@@ -1,0 +1,141 @@
+"""``hf-cb`` (and ``python -m hf_cb``): ``serve`` the OpenAI-compatible API, or ``generate``
+answers for a JSONL file. With no MODEL, both use the embedded default model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+from .config import EngineConfig
+
+logger = logging.getLogger("hf_cb")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One option per `EngineConfig` field (``--max-num-seqs``, ``--compile/--no-compile``, ...)."""
+    group = parser.add_argument_group("engine (hf_cb.EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        kwargs: dict = {"default": f.default, "help": f"default: {f.default}"}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        else:  # int, float, or X | None
+            kind = ([t for t in typing.get_args(hint) if t is not type(None)] or [hint])[0]
+            kwargs["type"] = _boolean if kind is bool else kind
+            kwargs["metavar"] = "BOOL" if kind is bool else f.name.upper()
+        group.add_argument(flag, dest=f"engine_{f.name}", **kwargs)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def engine_config_from(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f"engine_{f.name}") for f in dataclasses.fields(EngineConfig)})
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a hub id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct, embedded)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
+    add_engine_args(parser)
+
+
+def _start(args: argparse.Namespace):
+    """Load the model and start its online engine."""
+    try:
+        from . import server  # noqa: F401 - fails early without the serve extra
+    except ImportError as error:
+        sys.exit(f"hf-cb: {error.name} is missing: pip install 'hf_cb[serve]'")
+    from .model_loader import load_model
+    from .online import OnlineEngine
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    online = OnlineEngine(loaded.model, engine_config_from(args), tokenizer=loaded.tokenizer)
+    return loaded, online
+
+
+def serve(args: argparse.Namespace) -> None:
+    from .server import create_app, run
+
+    loaded, online = _start(args)
+    api_key = args.api_key or os.environ.get("HF_CB_API_KEY")
+    name = args.served_model_name or loaded.name
+    app = create_app(online, loaded.tokenizer, model_name=name, api_key=api_key)
+    engine = online.engine
+    logger.info("hf_cb: serving %s as %r at http://%s:%d/v1 (%s, %s); KV cache: %d tokens in %d pages; %s",
+                loaded.name, name, args.host, args.port, engine.device, str(engine.dtype).removeprefix("torch."),
+                engine.manager.num_pages * engine.config.page_size, engine.manager.num_pages, type(engine.backend).__name__)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logger.warning("hf_cb: listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    try:
+        run(app, args.host, args.port)
+    finally:
+        online.shutdown()
+
+
+def generate(args: argparse.Namespace) -> None:
+    lines = Path(args.input).read_text().splitlines()
+    loaded, online = _start(args)
+    from .server.generate_file import BadLine, generate_file
+
+    try:
+        results = asyncio.run(generate_file(online, loaded, lines, args))
+    except BadLine as error:
+        sys.exit(f"hf-cb generate: {error}")
+    finally:
+        online.shutdown()
+    with open(args.output, "w") if args.output != "-" else sys.stdout as out:
+        for result in results:
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-cb", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL as given)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set HF_CB_API_KEY)")
+    s.set_defaults(func=serve)
+    g = sub.add_parser("generate", help="answer every line of a JSONL file, in order")
+    _add_model_args(g)
+    g.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    g.add_argument("--output", required=True, help="JSONL answers, one per input line ('-': stdout)")
+    g.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a line (256)")
+    g.add_argument("--temperature", type=float, default=None, help="default temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="default top_p")
+    g.add_argument("--seed", type=int, default=None, help="default seed")
+    g.add_argument("--n", type=int, default=1, help="default n (samples per line)")
+    g.add_argument("--stop", action="append", default=None, help="default stop string (repeatable)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.set_defaults(func=generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

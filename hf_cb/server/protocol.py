@@ -1,0 +1,152 @@
+"""The OpenAI request bodies the server accepts, as pydantic models.
+
+Every documented field is declared. Fields hf_cb honours carry their OpenAI ranges (so a bad
+value is a 400 naming the field); vLLM's extensions (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ...) are accepted too.
+Fields hf_cb cannot honour (tools, response formats, logit bias, ...) are refused when set,
+rather than silently ignored; pure metadata (``user``, ``metadata``, ``store``, ...) is
+accepted. Unknown fields are refused, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..sampling import MAX_LOGPROBS
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # accepted, and refused when set (see `unsupported`)
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported(self) -> dict[str, Any]:
+        """Set fields hf_cb cannot honour, with their values."""
+        return {"logit_bias": self.logit_bias} if self.logit_bias else {}
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        bad = self.unsupported()
+        if bad:
+            name = next(iter(bad))
+            raise ValueError(f"{name} is not supported by hf_cb (got {bad[name]!r})")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = super().unsupported()
+        if self.echo:
+            bad["echo"] = self.echo
+        if self.suffix:
+            bad["suffix"] = self.suffix
+        if self.best_of not in (None, self.n):
+            bad["best_of"] = self.best_of
+        return bad
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str | None:
+        if not isinstance(self.content, list):
+            return self.content
+        kinds = {part.type for part in self.content} - {"text"}
+        if kinds:
+            raise ValueError(f"message content of type {sorted(kinds)} is not supported by hf_cb (text only)")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # metadata: accepted, no effect
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    reasoning_effort: str | None = None
+    # refused when set
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = super().unsupported()
+        for name in ("tools", "functions", "function_call", "audio", "prediction", "web_search_options"):
+            if getattr(self, name):
+                bad[name] = getattr(self, name)
+        if self.tool_choice not in (None, "none"):
+            bad["tool_choice"] = self.tool_choice
+        if self.response_format and self.response_format.get("type") != "text":
+            bad["response_format"] = self.response_format
+        if self.modalities and self.modalities != ["text"]:
+            bad["modalities"] = self.modalities
+        return bad
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
