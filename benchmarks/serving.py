@@ -151,12 +151,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rates", nargs="+", type=float, default=[4, 16, 64, float("inf")], help="requests/s; inf: all at once")
     p.add_argument("--limit", type=int, default=None, help="only the first N requests of W1 (smoke runs)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--switch-interval", type=float, default=None,
-                   help="sys.setswitchinterval for the server process (Python's default: 0.005 s)")
     add_engine_args(p)
     args = p.parse_args(argv)
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     if args.model == "tiny":
@@ -166,19 +162,18 @@ def main(argv=None) -> dict:
     engine_config = engine_config_from(args)
 
     from hf_cb.online import OnlineEngine
-    from hf_cb.server import ServerThread, create_app
+    from hf_cb.server import HTTPServer
 
     report = {"model": args.model, "workload": "S1 (W1 requests)", "requests": len(wl.prompts),
               "output_tokens": wl.output_tokens, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "switch_interval": sys.getswitchinterval(), "engine_config": vars(engine_config) if hasattr(engine_config, "__dict__") else str(engine_config),
+              "torch": torch.__version__, "engine_config": vars(engine_config) if hasattr(engine_config, "__dict__") else str(engine_config),
               "command": " ".join(["python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])])}
     report["offline"] = offline(model, wl.prompts, wl.output_lens, engine_config)
     print(f"offline generate_batch_continuous: {report['offline']['output_tok_s']:,.0f} output tok/s", flush=True)
 
-    online = OnlineEngine(model, engine_config, tokenizer=word_tokenizer(model.config.vocab_size))
-    app = create_app(online, online.tokenizer, model_name="bench")
+    online = OnlineEngine(model, engine_config)
     report["server"] = []
-    with ServerThread(app) as server:
+    with HTTPServer(online, word_tokenizer(model.config.vocab_size), model_name="bench", port=0, log_level="warning") as server:
         url = f"{server.url}/v1/completions"
         run_load(url, wl.prompts[:8], [min(16, n) for n in wl.output_lens[:8]], float("inf"))  # warm-up
         for rate in args.rates:

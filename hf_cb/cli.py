@@ -72,21 +72,26 @@ def _start(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> None:
-    from .server import create_app, run
+    from .server import HTTPServer
 
     loaded, online = _start(args)
     api_key = args.api_key or os.environ.get("HF_CB_API_KEY")
     name = args.served_model_name or loaded.name
-    app = create_app(online, loaded.tokenizer, model_name=name, api_key=api_key)
-    engine = online.engine
-    logger.info("hf_cb: serving %s as %r at http://%s:%d/v1 (%s, %s); KV cache: %d tokens in %d pages; %s",
-                loaded.name, name, args.host, args.port, engine.device, str(engine.dtype).removeprefix("torch."),
-                engine.manager.num_pages * engine.config.page_size, engine.manager.num_pages, type(engine.backend).__name__)
+    server = HTTPServer(online, loaded.tokenizer, model_name=name, host=args.host, port=args.port, api_key=api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("hf_cb: listening on %s without --api-key: anyone who can reach it can use it", args.host)
     try:
-        run(app, args.host, args.port)
+        server.start()
+        engine = online.engine
+        logger.info("hf_cb: serving %s as %r at %s/v1 (%s, %s); KV cache: %d tokens in %d pages; %s",
+                    loaded.name, name, server.url, engine.device, str(engine.dtype).removeprefix("torch."),
+                    engine.manager.num_pages * engine.config.page_size, engine.manager.num_pages,
+                    type(engine.backend).__name__)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.stop()
         online.shutdown()
 
 

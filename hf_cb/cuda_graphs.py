@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention_interface import STEP_KWARG
 from .flashinfer_backend import FlashInferBackend, Kind
 from .manager import PageTable
 from .paged_cache import PagedCache
 from .staging import Staging
+from .step_forward import forward_step
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -26,9 +26,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, forward, cache: PagedCache, backend: FlashInferBackend,
+    def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, backend: FlashInferBackend,
                  max_batch: int, max_num_page_ids: int):
-        self.forward, self.cache, self.backend = forward, cache, backend  # forward: the model, maybe compiled
+        self.model, self.forward = model, forward  # forward: the model, maybe compiled
+        self.cache, self.backend = cache, backend
         self.sizes = graph_batch_sizes(max_batch)
         dev = backend.device
         B = self.sizes[-1]
@@ -85,20 +86,8 @@ class DecodeGraphs:
 
     def _forward(self, step: "GraphDecodeStep") -> torch.Tensor:
         b = step.batch_size
-        self.cache.step = step
-        try:
-            out = self.forward(
-                input_ids=self.input_ids[:, :b],
-                position_ids=self.position_ids[:, :b],
-                attention_mask=self._mask,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=0,
-                **{STEP_KWARG: step},
-            )
-        finally:
-            self.cache.step = None
-        return out.logits[0]
+        return forward_step(self.forward, self.model, self.cache, step, self.input_ids[:, :b],
+                            self.position_ids[:, :b], self._mask, 0)
 
     def _stage(self, step, input_ids, positions, kv_indptr, kv_indices, kv_last_page_len) -> None:
         """Copy a step's rows into the fixed buffers and plan the bucket's wrappers."""
@@ -112,12 +101,10 @@ class DecodeGraphs:
         for kind in step.wrappers:
             step.plan(kind)
 
-    def prepare(self, table: PageTable, input_ids: np.ndarray) -> int:
-        """Stage a decode step of ``table.num_rows`` rows into the fixed buffers of its bucket
-        and plan. Returns the bucket to `replay`."""
-        n = table.num_rows
-        b = self.size_for(n)
-        pad = b - n
+    def prepare(self, b: int, table: PageTable, input_ids: np.ndarray) -> None:
+        """Stage a decode step of ``table.num_rows`` rows into the fixed buffers of bucket ``b``
+        (`size_for`) and plan."""
+        pad = b - table.num_rows
         self._stage(
             self.steps[b],
             np.concatenate([input_ids, np.zeros(pad, np.int64)]),
@@ -126,7 +113,6 @@ class DecodeGraphs:
             np.concatenate([table.kv_indices, np.full(pad, self.cache.scratch_page, np.int32)]),
             np.concatenate([table.kv_last_page_len, np.ones(pad, np.int32)]),
         )
-        return b
 
     def replay(self, size: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the bucket's graph; (greedy tokens, logits) of the real rows."""

@@ -63,6 +63,39 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
     )
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask of an engine; checkable away from it (an HTTP front end)."""
+
+    vocab_size: int
+    max_model_len: int
+    page_size: int
+    num_pages: int
+
+    def check(self, index: int, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise a ValueError naming the problem if the request can never run."""
+        if len(prompt_ids) == 0:
+            raise ValueError(f"prompt {index} is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)]
+        if bad:
+            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad[0]!r}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt {index} has {len(prompt_ids)} tokens and asks for {params.max_new_tokens} "
+                f"new tokens: {total} exceeds the model's context of {self.max_model_len}"
+            )
+        pages = -(-total // self.page_size)
+        if pages > self.num_pages:
+            raise ValueError(
+                f"prompt {index} needs {pages} pages ({total} tokens) but the page pool has "
+                f"{self.num_pages}; raise EngineConfig.num_pages"
+            )
+
+
 @dataclass
 class StepStats:
     """Where the host's time goes: ``host_s`` scheduling, preparing and launching steps and
@@ -169,7 +202,7 @@ class LLMEngine:
     def _capture_graphs(self) -> None:
         start = time.perf_counter()
         graphs = DecodeGraphs(
-            self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids
+            self.model, self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids
         )
         graphs.capture()
         self.runner.graphs = graphs
@@ -212,30 +245,13 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.vocab_size, self.max_model_len, self.config.page_size, self.manager.num_pages)
+
     def check_request(self, index: int, prompt_ids: Seq[int], params: SamplingParams) -> None:
         """Raise a ValueError naming the problem if the request can never run."""
-        if len(prompt_ids) == 0:
-            raise ValueError(f"prompt {index} is empty")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)]
-        if bad:
-            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad[0]!r}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.vocab_size})"
-            )
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt {index} has {len(prompt_ids)} tokens and asks for {params.max_new_tokens} "
-                f"new tokens: {total} exceeds the model's context of {self.max_model_len}"
-            )
-        pages = -(-total // self.config.page_size)
-        if pages > self.manager.num_pages:
-            raise ValueError(
-                f"prompt {index} needs {pages} pages ({total} tokens) but the page pool has "
-                f"{self.manager.num_pages}; raise EngineConfig.num_pages"
-            )
+        self.limits.check(index, prompt_ids, params)
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, seed: int, index: int = 0) -> Sequence:
         """Queue a request (checked first); it runs from the next `step`."""

@@ -50,7 +50,7 @@ _NEUTRAL_CONFIG = {
 STOCK_ONLY_KWARGS = (
     "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
     "assistant_tokenizer", "negative_prompt_ids", "negative_prompt_attention_mask",
-    "custom_generate", "inputs_embeds", "past_key_values", "synced_gpus",
+    "custom_generate", "inputs_embeds", "past_key_values", "cache", "synced_gpus",
 )
 
 

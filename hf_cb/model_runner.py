@@ -14,7 +14,6 @@ from itertools import chain
 import numpy as np
 import torch
 
-from .attention_interface import STEP_KWARG
 from .cuda_graphs import DecodeGraphs
 from .manager import PageManager, PageTable
 from .paged_cache import PagedCache
@@ -22,6 +21,7 @@ from .sampling import SamplingBatch, compute_logprobs, is_greedy, make_sampling_
 from .scheduler import ScheduledBatch
 from .sequence import PENDING, TokenLogprob
 from .staging import Staging
+from .step_forward import forward_step
 
 
 @dataclass
@@ -113,10 +113,10 @@ class ModelRunner:
         prev_tokens = prev.tokens if prev is not None else None
         graph_size = self.graphs.size_for(len(batch.seqs)) if self.graphs is not None and batch.is_decode else None
         if graph_size is not None:
-            size = self.graphs.prepare(inputs.table, inputs.input_ids)
+            self.graphs.prepare(graph_size, inputs.table, inputs.input_ids)
             fill_pending(self.graphs.input_ids[0], inputs, prev_tokens)
             self._record_inputs_copied()
-            tokens, logits = self.graphs.replay(size, len(batch.seqs))
+            tokens, logits = self.graphs.replay(graph_size, len(batch.seqs))
             if not is_greedy(sampling):
                 tokens = sample(logits.float(), sampling)
         else:
@@ -136,26 +136,14 @@ class ModelRunner:
         logits_indices = put("logits_indices", inputs.logits_indices)[1]
         step = self.backend.plan(inputs.table)
         self._record_inputs_copied()
-        self.cache.step = step
-        try:
-            with torch.no_grad():
-                out = self.forward(
-                    input_ids=input_ids[None],
-                    position_ids=position_ids[None],
-                    attention_mask=self._mask_sentinel,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                    logits_to_keep=logits_indices,
-                    **{STEP_KWARG: step},
-                )
-        finally:
-            self.cache.step = None
+        logits = forward_step(self.forward, self.model, self.cache, step, input_ids[None], position_ids[None],
+                              self._mask_sentinel, logits_indices)
         if self.backend.new_kinds:
             # A kind of layer was planned inside the forward, after the copy event: let those
             # copies finish before the pinned buffers are rewritten (first steps only).
             torch.cuda.synchronize(self.device)
             self.backend.new_kinds = False
-        return out.logits[0]
+        return logits
 
     def _record_inputs_copied(self) -> None:
         if self._inputs_copied is not None:

@@ -20,9 +20,11 @@ from torch.utils.hooks import RemovableHandle
 from .attention_interface import ATTENTION_NAME, STEP_KWARG, AttentionStep, register
 from .manager import PageManager
 from .paged_cache import PagedCache
+from .step_forward import forward_step
 from .torch_backend import TorchAttentionBackend
 
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+_CACHE_NAMES = ("cache", "past_key_values")  # Transformers 5.24 renamed the keyword
 # Two sequences packed in one row, as the engine packs a step; page size 4 so each spans pages.
 _PROBE_LENGTHS = (3, 5)
 _PROBE_PAGE_SIZE = 4
@@ -143,7 +145,7 @@ def probe_attention(model: torch.nn.Module) -> bool:
 
 def add_step_hooks(model: torch.nn.Module) -> list[RemovableHandle]:
     """Forward pre-hooks that hand the engine's step (`PagedCache.step`) to every module with a
-    ``layer_idx`` whose forward takes ``past_key_values`` and ``**kwargs`` (the attention
+    ``layer_idx`` whose forward takes the cache and ``**kwargs`` (the attention
     modules), for models whose decoder layers drop the keyword arguments of ``model(...)``.
     Outside an engine step they do nothing; ``handle.remove()`` takes them off."""
     return [
@@ -155,11 +157,11 @@ def add_step_hooks(model: torch.nn.Module) -> list[RemovableHandle]:
 
 def _takes_cache_and_kwargs(module: torch.nn.Module) -> bool:
     params = inspect.signature(module.forward).parameters.values()
-    return any(p.name == "past_key_values" for p in params) and any(p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name in _CACHE_NAMES for p in params) and any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _hand_step(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = next((kwargs[k] for k in _CACHE_NAMES if kwargs.get(k) is not None), None)
     if isinstance(cache, PagedCache) and cache.step is not None and STEP_KWARG not in kwargs:
         return args, {**kwargs, STEP_KWARG: cache.step}
     return None
@@ -227,16 +229,12 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
     for seq_id, n in enumerate(lengths):
         manager.allocate(seq_id, n)
     table = manager.build(list(range(len(prompts))), [0] * len(prompts), lengths)
-    step = cache.step = RecordingStep(TorchAttentionBackend(_PROBE_PAGE_SIZE, device).plan(table), cache)
+    step = RecordingStep(TorchAttentionBackend(_PROBE_PAGE_SIZE, device).plan(table), cache)
     try:
-        out = model(
-            input_ids=torch.cat(prompts).to(device)[None],
-            position_ids=torch.from_numpy(table.positions).to(device)[None],
-            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=torch.arange(table.num_tokens, device=device),
-            **{STEP_KWARG: step},
+        logits = forward_step(
+            model, model, cache, step, torch.cat(prompts).to(device)[None],
+            torch.from_numpy(table.positions).to(device)[None],
+            torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), torch.arange(table.num_tokens, device=device),
         )
     except torch.OutOfMemoryError:
         raise
@@ -246,7 +244,7 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
             f"{shape.num_layers} layers wrote K/V through the Cache and {len(step.attends)} called "
             f"the attention interface with hf_cb's step: {type(error).__name__}: {error}"
         ) from error
-    return step, out.logits[0].float()
+    return step, logits.float()
 
 
 def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,16 +95,39 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-class RequestStream:
+class EngineStream:
+    """What the step thread hands one sequence's new tokens to (`_push`); subclasses say where
+    they go (`_feed`): a local `RequestStream`, or a pipe to another process."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, notifier: Any):
+        self.prompt_ids, self.params, self.seed, self.notifier = prompt_ids, params, seed, notifier
+        self.seq: Sequence | None = None  # set by the step thread when the engine takes it
+        self._pushed = 0  # tokens of seq handed over so far (step thread only)
+
+    def _push(self, seq: Sequence, now: float) -> None:
+        end = seq.num_resolved
+        start, self._pushed = self._pushed, end
+        base = len(seq.prompt_ids)
+        logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
+        self._feed(seq.token_ids[base + start : base + end], logprobs, seq.finish_reason if seq.is_done else None, now)
+
+    def _feed(self, tokens: list[int], logprobs: list[TokenLogprob] | None, finish: FinishReason | None,
+              now: float) -> None:
+        raise NotImplementedError
+
+    def _fail(self, error: BaseException) -> None:
+        raise NotImplementedError
+
+
+class RequestStream(EngineStream):
     """One generated sequence of an `OnlineEngine`. Iterate it (``for`` or ``async for``) for its
     `RequestOutput`s, or poll `take`; `abort` cancels it and frees its pages within a step."""
 
-    def __init__(self, engine: "OnlineEngine", prompt_ids: list[int], params: SamplingParams, seed: int,
+    def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, seed: int,
                  notifier: Notifier | AsyncNotifier, detokenizer: IncrementalDetokenizer | None):
-        self.engine, self.prompt_ids, self.params, self.seed = engine, prompt_ids, params, seed
-        self.notifier, self.detokenizer = notifier, detokenizer
+        super().__init__(prompt_ids, params, seed, notifier)
+        self.engine, self.detokenizer = engine, detokenizer  # engine: what `abort` tells
         self.arrival_time = time.perf_counter()
-        self.seq: Sequence | None = None  # set by the step thread when the engine takes it
         self.num_generated = 0
         self._lock = threading.Lock()
         self._tokens: list[int] = []
@@ -112,24 +135,20 @@ class RequestStream:
         self._times: list[float] = []
         self._finish: FinishReason | None = None
         self._error: BaseException | None = None
-        self._pushed = 0  # tokens of seq handed over so far (step thread only)
         self._last_time: float | None = None
         self._closed = False
 
-    # -- the step thread's side ----------------------------------------------------------------
+    # -- the producer's side (the step thread, or a front end's receiver) ----------------------
 
-    def _push(self, seq: Sequence, now: float) -> None:
-        end = seq.num_resolved
-        start, self._pushed = self._pushed, end
-        base = len(seq.prompt_ids)
+    def _feed(self, tokens, logprobs, finish, now) -> None:
         with self._lock:
-            self._tokens += seq.token_ids[base + start : base + end]
-            if seq.logprobs is not None:
-                self._logprobs += seq.logprobs[start:end]
-            if end > start:
+            self._tokens += tokens
+            if logprobs is not None:
+                self._logprobs += logprobs
+            if tokens:
                 self._times.append(now)
-            if seq.is_done:
-                self._finish = seq.finish_reason
+            if finish is not None:
+                self._finish = finish
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -233,14 +252,23 @@ class OnlineEngine:
         self._inbox_lock = threading.Lock()
         self._inbox_closed = False
         self._wake = threading.Event()
-        self._streams: dict[int, RequestStream] = {}
+        self._streams: dict[int, EngineStream] = {}
+        self._listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="hf_cb-step-loop", daemon=True)
         self._thread.start()
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and not self._inbox_closed and self._thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_request(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise a ValueError naming the problem if the request can never run."""
+        self.engine.limits.check(0, prompt_ids, params)
 
     # -- any thread ----------------------------------------------------------------------------
 
@@ -253,20 +281,22 @@ class OnlineEngine:
         if not self.is_alive:
             raise EngineDeadError(f"the hf_cb step loop has stopped: {self.error!r}")
         prompt_ids = list(prompt_ids)
-        self.engine.check_request(0, prompt_ids, params)
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need an OnlineEngine with a tokenizer")
-        if notifier is None:
-            notifier = _default_notifier()
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special_tokens, stop=stop,
-                                           include_stop=include_stop, min_tokens=params.min_new_tokens)
-        if seed is None:
-            seed = random_seed()
-        stream = RequestStream(self, prompt_ids, params, seed, notifier, detok)
-        self._post(("add", stream))
+        self.check_request(prompt_ids, params)
+        stream = new_stream(self, self.tokenizer, prompt_ids, params, seed, notifier, stop, include_stop,
+                            skip_special_tokens)
+        self.add_stream(stream)
         return stream
+
+    def add_stream(self, stream: EngineStream) -> None:
+        """Queue a stream built by the caller (`submit` builds local ones)."""
+        self._post(("add", stream))
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs on the step thread after each step and before it idles."""
+        self._listeners = [*self._listeners, listener]  # a new list: the step thread may be iterating
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners = [x for x in self._listeners if x != listener]
 
     def abort(self, stream: RequestStream) -> None:
         self._post(("abort", stream))
@@ -305,6 +335,7 @@ class OnlineEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
+                    self._notify_listeners()
                     self._wake.wait()
                     self._wake.clear()
                     continue
@@ -316,11 +347,16 @@ class OnlineEngine:
                     self._fail_running(error)
                     continue
                 self._deliver(updated)
+                self._notify_listeners()
         except BaseException as error:  # noqa: BLE001 - recorded: /health and new requests see it
             self.error = error
             logger.exception("hf_cb: the step loop died")
         finally:
             self._close()
+
+    def _notify_listeners(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def _close(self) -> None:
         """Fail every request still queued or running; later submits raise `EngineDeadError`."""
@@ -334,7 +370,8 @@ class OnlineEngine:
         why = f"the hf_cb step loop died: {self.error!r}" if self.error else "the engine was shut down"
         for stream in streams:
             stream._fail(EngineDeadError(why))
-        self._wake_all(streams)
+        wake_all(streams)
+        self._notify_listeners()
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -350,7 +387,7 @@ class OnlineEngine:
             stream.seq = self.engine.add_request(stream.prompt_ids, stream.params, stream.seed)
         except ValueError as error:  # e.g. the engine changed since submit() checked
             stream._fail(error)
-            self._wake_all([stream])
+            wake_all([stream])
             return
         self._streams[stream.seq.seq_id] = stream
 
@@ -364,7 +401,7 @@ class OnlineEngine:
             touched.append(stream)
             if seq.is_done:
                 del self._streams[seq.seq_id]
-        self._wake_all(touched)
+        wake_all(touched)
 
     def _fail_running(self, error: Exception) -> None:
         logger.exception("hf_cb: a step failed; failing the requests it touched")
@@ -376,23 +413,41 @@ class OnlineEngine:
             if stream is not None:
                 stream._fail(failure)
                 failed.append(stream)
-        self._wake_all(failed)
+        wake_all(failed)
 
-    @staticmethod
-    def _wake_all(streams: list[RequestStream]) -> None:
-        """Wake the streams' consumers: one call per asyncio loop, not one per stream."""
-        by_loop: dict[Any, list[asyncio.Event]] = defaultdict(list)
-        for stream in streams:
-            n = stream.notifier
-            if isinstance(n, AsyncNotifier):
-                by_loop[n.loop].append(n.event)
-            else:
-                n.notify()
-        for loop, events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_set_all, events)
-            except RuntimeError:  # the consumer's loop is closed: nobody is waiting
-                pass
+
+def wake_all(streams: Seq[EngineStream]) -> None:
+    """Wake the streams' consumers: one call per asyncio loop and one per other notifier, not
+    one per stream."""
+    by_loop: dict[Any, list[asyncio.Event]] = defaultdict(list)
+    others: dict[int, Any] = {}
+    for stream in streams:
+        n = stream.notifier
+        if isinstance(n, AsyncNotifier):
+            by_loop[n.loop].append(n.event)
+        else:
+            others[id(n)] = n
+    for n in others.values():
+        n.notify()
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the consumer's loop is closed: nobody is waiting
+            pass
+
+
+def new_stream(engine: Any, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, seed: int | None,
+               notifier: Notifier | AsyncNotifier | None, stop: Seq[str], include_stop: bool,
+               skip_special_tokens: bool) -> RequestStream:
+    """A local stream, detokenized with ``tokenizer`` (None: token ids only)."""
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    detok = None
+    if tokenizer is not None:
+        detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens, stop=stop,
+                                       include_stop=include_stop, min_tokens=params.min_new_tokens)
+    return RequestStream(engine, prompt_ids, params, random_seed() if seed is None else seed,
+                         notifier or _default_notifier(), detok)
 
 
 def _default_notifier() -> Notifier | AsyncNotifier:

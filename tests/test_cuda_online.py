@@ -98,14 +98,14 @@ def test_server_greedy_completions_are_teacher_forced_argmax():
     pytest.importorskip("fastapi")
     import httpx
 
-    from hf_cb.server import ServerThread, create_app
+    from hf_cb.server import HTTPServer
 
     model = tiny_gpu_model("qwen3", torch.bfloat16)
     prompts = random_prompts(12, 5, 300, seed=3, vocab=1024)
     tok = word_tokenizer(1024)
-    online = OnlineEngine(model, tokenizer=tok)
+    online = OnlineEngine(model)
     try:
-        with ServerThread(create_app(online, tok, model_name="m")) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        with HTTPServer(online, tok, model_name="m", port=0) as server, httpx.Client(base_url=server.url, timeout=60) as c:
             for prompt in prompts:
                 r = c.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0,
                                                     "ignore_eos": True, "skip_special_tokens": False})

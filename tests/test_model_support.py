@@ -2,11 +2,14 @@
 
 import pytest
 import torch
-from transformers import BioGptConfig, GPTJConfig, StableLmConfig
+import torch.nn.functional as F
+from torch import nn
+from transformers import BioGptConfig, LlamaConfig, LlamaForCausalLM, StableLmConfig
 
 import hf_cb
 from conftest import _COMMON, VOCAB, model_from_config, random_prompts, reference_generate, tiny_model
 from hf_cb.model_support import add_step_hooks, probe_attention
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 # BioGPT has no GQA: every head keeps its K/V.
 _MHA = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
@@ -59,12 +62,40 @@ def assert_refused(model, message: str) -> None:
     assert hooks_on(model) == 0
 
 
+class OwnAttention(nn.Module):
+    """Attention in its own code, not through the attention interface (as GPT-J's was up to
+    Transformers 5.23). Transformers tells such modules apart by their source."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        a, shape = self.inner, (*hidden_states.shape[:-1], -1, self.inner.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return a.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+
+
+class OwnAttentionLlama(LlamaForCausalLM):
+    # Transformers caches its verdict on the class, which a subclass would inherit from Llama.
+    _can_set_attn_implementation_cached_value = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.self_attn = OwnAttention(layer.self_attn)
+
+
 def test_model_whose_attention_bypasses_the_interface_is_refused():
-    # GPT-J's attention is its own code: Transformers keeps its implementation (a warning).
-    config = GPTJConfig(vocab_size=VOCAB, n_positions=512, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    # Transformers keeps such a model's implementation (with a warning).
+    model = OwnAttentionLlama(LlamaConfig(**_COMMON)).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(ids).logits.shape == (1, 3, VOCAB)  # a working model, just not one hf_cb can serve
     assert_refused(
-        model_from_config(config),
-        "GPTJForCausalLM cannot switch its attention implementation to 'hf_cb': its attention does "
+        model,
+        "OwnAttentionLlama cannot switch its attention implementation to 'hf_cb': its attention does "
         "not go through transformers' AttentionInterface",
     )
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from ..online import EngineDeadError, OnlineEngine, RequestFailed, RequestStream
+from ..online import EngineDeadError, RequestFailed, RequestStream
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import (
     APIError, SamplingDefaults, Serving, chat_logprobs, collect, completion_logprobs, engine_error, new_id,
@@ -91,11 +91,12 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
 
 
-def create_app(online: OnlineEngine, tokenizer: Any, *, model_name: str, api_key: str | None = None,
+def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
                defaults: SamplingDefaults | None = None, eos_token_ids: tuple[int, ...] | None = None) -> FastAPI:
-    """The app serving ``online`` as ``model_name``. ``api_key``: required as a Bearer token on
-    every ``/v1`` route and its aliases. ``defaults`` and ``eos_token_ids``: default, the model's
-    generation config's (as vLLM's ``--generation-config auto``)."""
+    """The app serving ``online`` (an `OnlineEngine`, or the front end's `EngineClient`) as
+    ``model_name``. ``api_key``: required as a Bearer token on every ``/v1`` route and its
+    aliases. ``defaults`` and ``eos_token_ids``: default, the model's generation config's (as
+    vLLM's ``--generation-config auto``)."""
     serving = Serving.create(online, tokenizer, model_name, defaults=defaults, eos_token_ids=eos_token_ids)
     metrics = serving.metrics
     app = FastAPI(title="hf_cb", description="OpenAI-compatible server over hf_cb's continuous batching")

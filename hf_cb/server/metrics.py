@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..online import OnlineEngine, RequestOutput
+from typing import Any
+
+from ..online import RequestOutput
 
 # Seconds; as vLLM's buckets, from a fast decode step to a long queue.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
@@ -13,7 +15,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.
 
 
 class Metrics:
-    def __init__(self, online: OnlineEngine):
+    def __init__(self, online: Any):
+        """``online``: the engine or the front end's client (``num_requests``, ``kv_cache_usage``)."""
         self.registry = r = CollectorRegistry()
         Gauge("hf_cb_num_requests_running", "Sequences in the running batch.", registry=r).set_function(
             lambda: online.num_requests()[0])

@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..online import (
-    AsyncNotifier, EngineDeadError, OnlineEngine, RequestFailed, RequestOutput, RequestStream, iterate_async,
-)
+from ..online import AsyncNotifier, EngineDeadError, RequestFailed, RequestOutput, RequestStream, iterate_async
 from ..sampling import SamplingParams, sample_seed
 from ..sequence import TokenLogprob
 from .metrics import Metrics
@@ -63,11 +61,20 @@ class SamplingDefaults:
                       if given.get(k) is not None})
 
 
+def generation_defaults(model: Any) -> tuple[SamplingDefaults, tuple[int, ...]]:
+    """A model's sampling defaults and EOS token ids, from its generation config."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return SamplingDefaults.from_generation_config(config), eos_ids
+
+
 @dataclass
 class Serving:
-    """What the routes need: the engine, the tokenizer, the served name and the defaults."""
+    """What the routes need: the engine, the tokenizer, the served name and the defaults.
+    ``online``: an `OnlineEngine`, or the front end's `EngineClient` (the same interface)."""
 
-    online: OnlineEngine
+    online: Any
     tokenizer: Any
     model_name: str
     eos_token_ids: tuple[int, ...]
@@ -78,19 +85,18 @@ class Serving:
         self.token_text = functools.lru_cache(maxsize=1 << 18)(self._token_text)
 
     @classmethod
-    def create(cls, online: OnlineEngine, tokenizer: Any, model_name: str, *, defaults: SamplingDefaults | None = None,
+    def create(cls, online: Any, tokenizer: Any, model_name: str, *, defaults: SamplingDefaults | None = None,
                eos_token_ids: tuple[int, ...] | None = None) -> "Serving":
-        """Defaults from the model's generation config: its EOS ids and sampling values."""
-        config = online.engine.model.generation_config
-        if eos_token_ids is None:
-            eos = config.eos_token_id
-            eos_token_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        defaults = defaults or SamplingDefaults.from_generation_config(config)
+        """Defaults not given come from the model's generation config (an in-process engine)."""
+        if defaults is None or eos_token_ids is None:
+            model_defaults, model_eos = generation_defaults(online.engine.model)
+            defaults = defaults or model_defaults
+            eos_token_ids = model_eos if eos_token_ids is None else eos_token_ids
         return cls(online, tokenizer, model_name, eos_token_ids, Metrics(online), defaults)
 
     @property
     def max_model_len(self) -> int:
-        return self.online.engine.max_model_len
+        return self.online.max_model_len
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -155,7 +161,7 @@ class Serving:
         params = [self.params(req, len(p), logprobs, prompt_param) for p in prompts]
         for p, prm in zip(prompts, params):
             try:
-                self.online.engine.check_request(0, p, prm)
+                self.online.check_request(p, prm)
             except ValueError as error:
                 raise APIError(400, str(error).replace("prompt 0 ", "the prompt "), param=prompt_param) from error
         return params

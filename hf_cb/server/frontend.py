@@ -1,0 +1,158 @@
+"""The HTTP front end's process (``python -m hf_cb.server.frontend``, started by `HTTPServer`):
+uvicorn serving the app over an `EngineClient`, which sends requests to the engine's process
+and turns what comes back into local `RequestStream`s (detokenized here, off the engine's
+process). The protocol is described in `hf_cb.server.http_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from itertools import count
+from multiprocessing.connection import Listener
+from typing import Any
+
+from ..online import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
+from ..sampling import SamplingParams
+from .http_server import ADDRESS_ENV, KEY_ENV, FrontendSettings
+
+_ERRORS = {"dead": EngineDeadError, "bad": ValueError, "failed": RequestFailed}
+
+
+class EngineClient:
+    """The engine as the front end sees it: the `OnlineEngine` interface the routes use
+    (`submit`, `abort`, `num_requests`, ...), over the connection ``conn``."""
+
+    def __init__(self, conn, limits: RequestLimits, tokenizer: Any, on_engine_gone=lambda: None):
+        self.conn, self.limits, self.tokenizer = conn, limits, tokenizer
+        self.on_engine_gone = on_engine_gone
+        self.error: BaseException | None = None
+        self._stats: tuple[int, int, float] = (0, 0, 0.0)
+        self._streams: dict[int, RequestStream] = {}
+        self._keys = count()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._receive, name="hf_cb-client", daemon=True).start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    def check_request(self, prompt_ids, params: SamplingParams) -> None:
+        self.limits.check(0, prompt_ids, params)
+
+    def num_requests(self) -> tuple[int, int]:
+        return self._stats[0], self._stats[1]
+
+    def kv_cache_usage(self) -> float:
+        return self._stats[2]
+
+    def submit(self, prompt_ids, params: SamplingParams, seed: int | None = None, *, notifier=None, stop=(),
+               include_stop: bool = False, skip_special_tokens: bool = True) -> RequestStream:
+        """As `OnlineEngine.submit`."""
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+        prompt_ids = list(prompt_ids)
+        self.check_request(prompt_ids, params)
+        stream = new_stream(self, self.tokenizer, prompt_ids, params, seed, notifier, stop, include_stop,
+                            skip_special_tokens)
+        stream.key = next(self._keys)
+        self._streams[stream.key] = stream
+        self.send(("add", stream.key, prompt_ids, params, stream.seed))
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        if self._streams.pop(stream.key, None) is not None:
+            self.send(("abort", stream.key))
+
+    def send(self, message: tuple) -> None:
+        try:
+            with self._lock:
+                self.conn.send(message)
+        except (OSError, ValueError) as error:
+            raise EngineDeadError("the hf_cb engine's process has gone") from error
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                self._apply(*self.conn.recv())
+        except (EOFError, OSError):
+            self.error = EngineDeadError("the hf_cb engine's process has gone")
+            streams, self._streams = list(self._streams.values()), {}
+            for stream in streams:
+                stream._fail(self.error)
+            wake_all(streams)
+            self.on_engine_gone()
+
+    def _apply(self, records: list, failures: list, dead: str | None, stats: tuple) -> None:
+        now, touched = time.perf_counter(), []
+        for key, tokens, logprobs, finish in records:
+            if (stream := self._streams.get(key)) is not None:
+                stream._feed(tokens, logprobs, finish, now)
+                touched.append(stream)
+                if finish is not None:
+                    del self._streams[key]
+        for key, kind, message in failures:
+            if (stream := self._streams.pop(key, None)) is not None:
+                stream._fail(_ERRORS[kind](message))
+                touched.append(stream)
+        if dead is not None:
+            self.error = EngineDeadError(dead)
+        self._stats = stats
+        wake_all(touched)
+
+
+def serve(conn, settings: FrontendSettings, tokenizer: Any) -> None:
+    """uvicorn over an `EngineClient` until SIGTERM/SIGINT or the engine's process goes away."""
+    import uvicorn
+
+    from .app import create_app
+
+    server: uvicorn.Server | None = None
+
+    def engine_gone() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    client = EngineClient(conn, settings.limits, tokenizer, on_engine_gone=engine_gone)
+    app = create_app(client, tokenizer, model_name=settings.model_name, api_key=settings.api_key,
+                     defaults=settings.defaults, eos_token_ids=settings.eos_token_ids)
+    # No access log: a line per request costs the event loop time that streaming needs.
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           access_log=False, timeout_graceful_shutdown=5))
+
+    async def run() -> None:
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            client.send(("ready", server.servers[0].sockets[0].getsockname()[1]))
+        await task
+
+    try:
+        asyncio.run(run())
+    except SystemExit:  # uvicorn could not bind
+        pass
+    if not server.started:
+        with contextlib.suppress(EngineDeadError):
+            client.send(("failed", f"could not bind {settings.host}:{settings.port} (see the log above)"))
+
+
+def main() -> None:
+    listener = Listener(os.environ[ADDRESS_ENV], family="AF_UNIX", authkey=bytes.fromhex(os.environ[KEY_ENV]))
+    conn = listener.accept()
+    listener.close()
+    settings, tokenizer = conn.recv()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    serve(conn, settings, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
