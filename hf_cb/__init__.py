@@ -9,7 +9,7 @@ from .config import EngineConfig
 from .engine import LLMEngine
 from .model_support import ModelNotSupported
 from .generation_mixin import disable, enable, generate, generate_batch_continuous, install
-from .model_engine import get_engine, release
+from .model_engine import get_engine, release, reset_prefix_cache, sleep, wake_up
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .sequence import Completion
@@ -31,4 +31,7 @@ __all__ = [
     "generate_batch_continuous",
     "get_engine",
     "release",
+    "reset_prefix_cache",
+    "sleep",
+    "wake_up",
 ]

@@ -38,6 +38,9 @@ class EngineConfig:
         async_scheduling: prepare step n+1 while the device runs step n; an EOS is then seen
             one step late (the extra token is dropped). Off for requests with a repetition
             penalty, which needs every token on the host.
+        enable_prefix_caching: reuse the KV pages of prompt prefixes computed before (shared
+            system prompts, few-shot examples, the ``n`` samples of one prompt). Cached pages
+            are freed only when their memory is needed.
         cpu_kv_cache_bytes / cpu_max_pages: the bounded default pool off CUDA.
     """
 
@@ -53,6 +56,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile: bool = False
     async_scheduling: bool = True
+    enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
     cpu_max_pages: int = 4096
 

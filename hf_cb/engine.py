@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass
@@ -18,82 +17,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention_interface import ATTENTION_NAME, register
+from .backends import make_backend
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .flashinfer_backend import FlashInferBackend
-from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
+from .limits import RequestLimits
 from .manager import PageManager
-from .model_support import AttentionShape, add_step_hooks, attention_shape, layer_windows, probe_attention
+from .model_support import add_step_hooks, attention_shape, layer_windows, probe_attention
 from .model_runner import ModelRunner, StepHandle
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
-from .torch_backend import TorchAttentionBackend
+from .weights import weights_state
 
 logger = logging.getLogger("hf_cb")
-
-def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
-                 max_num_page_ids: int):
-    """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
-    if config.attention_backend == "torch":
-        return TorchAttentionBackend(config.page_size, device)
-    if device.type != "cuda":
-        if config.attention_backend == "flashinfer":
-            raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
-        return TorchAttentionBackend(config.page_size, device)
-    reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
-    if reason:
-        if config.attention_backend == "flashinfer":
-            raise ValueError(reason)
-        warnings.warn(f"hf_cb: using the PyTorch attention backend on CUDA: {reason}", stacklevel=3)
-        return TorchAttentionBackend(config.page_size, device)
-    return FlashInferBackend(
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        page_size=config.page_size,
-        dtype=dtype,
-        device=device,
-        max_num_seqs=config.max_num_seqs,
-        max_num_tokens=config.max_num_batched_tokens,
-        max_num_page_ids=max_num_page_ids,
-        prefill_backend=config.prefill_backend,
-        decode_tensor_cores=config.decode_tensor_cores,
-    )
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What a request may ask of an engine; checkable away from it (an HTTP front end)."""
-
-    vocab_size: int
-    max_model_len: int
-    page_size: int
-    num_pages: int
-
-    def check(self, index: int, prompt_ids: Seq[int], params: SamplingParams) -> None:
-        """Raise a ValueError naming the problem if the request can never run."""
-        if len(prompt_ids) == 0:
-            raise ValueError(f"prompt {index} is empty")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)]
-        if bad:
-            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad[0]!r}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt {index} has {len(prompt_ids)} tokens and asks for {params.max_new_tokens} "
-                f"new tokens: {total} exceeds the model's context of {self.max_model_len}"
-            )
-        pages = -(-total // self.page_size)
-        if pages > self.num_pages:
-            raise ValueError(
-                f"prompt {index} needs {pages} pages ({total} tokens) but the page pool has "
-                f"{self.num_pages}; raise EngineConfig.num_pages"
-            )
 
 
 @dataclass
@@ -103,6 +41,9 @@ class StepStats:
 
     steps: int = 0
     decode_steps: int = 0
+    tokens: int = 0  # fed to the model (prompt tokens found in the prefix cache are not)
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of them, found there
     host_s: float = 0.0
     wait_s: float = 0.0
 
@@ -175,9 +116,10 @@ class LLMEngine:
             num_pages = self._profile_num_pages()
         else:
             num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
+        self.num_pages = num_pages
         self._build(num_pages)
-        if config.cuda_graphs and isinstance(self.backend, FlashInferBackend):
-            self._capture_graphs()
+        self._capture_graphs()
+        self._weights = weights_state(model)
         freeze_heap()
         logger.info(
             "hf_cb: %d KV pages of %d tokens: %d tokens of KV cache (%.2f GiB), %s attention",
@@ -192,14 +134,19 @@ class LLMEngine:
             shape.num_layers, num_pages, config.page_size, shape.num_kv_heads, shape.head_dim,
             self.dtype, self.device, sliding_layers=[w is not None for w in self.windows],
         )
-        self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq)
-        self.scheduler = Scheduler(config, self.manager)
+        self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq,
+                                   prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.manager, self.stats)
         self.runner = ModelRunner(
             self.model, self.forward, self.cache, self.manager, self.backend,
             max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
         )
 
     def _capture_graphs(self) -> None:
+        """Capture the decode graphs, if the config asks for them and the backend has them."""
+        if not (self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend)):
+            return
+        self.runner.graphs = None  # a recapture frees the old graphs' memory first
         start = time.perf_counter()
         graphs = DecodeGraphs(
             self.model, self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids
@@ -247,15 +194,17 @@ class LLMEngine:
 
     @property
     def limits(self) -> RequestLimits:
-        return RequestLimits(self.vocab_size, self.max_model_len, self.config.page_size, self.manager.num_pages)
+        return RequestLimits(self.vocab_size, self.max_model_len, self.config.page_size, self.num_pages)
 
     def check_request(self, index: int, prompt_ids: Seq[int], params: SamplingParams) -> None:
         """Raise a ValueError naming the problem if the request can never run."""
         self.limits.check(index, prompt_ids, params)
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, seed: int, index: int = 0) -> Sequence:
-        """Queue a request (checked first); it runs from the next `step`."""
+        """Queue a request (checked first); it runs from the next `step`. A sleeping engine
+        wakes up."""
         self.check_request(index, prompt_ids, params)
+        self.wake_up()
         seq = Sequence(next(self._seq_ids), list(prompt_ids), params, seed, index)
         self.scheduler.add(seq)
         return seq
@@ -271,7 +220,7 @@ class LLMEngine:
     # -- running -----------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return not self.asleep and (self.scheduler.has_unfinished() or self._in_flight is not None)
 
     def step(self) -> list[Sequence]:
         """Launch the next step and resolve the one in flight; return the sequences that got a
@@ -296,7 +245,7 @@ class LLMEngine:
     def abort_all(self) -> list[Sequence]:
         """Drop the step in flight and every queued sequence, freeing their pages (after an
         error, so that the engine stays usable); return the sequences dropped."""
-        return self._abort([*self.scheduler.running, *self.scheduler.waiting])
+        return [] if self.asleep else self._abort([*self.scheduler.running, *self.scheduler.waiting])
 
     def abort_running(self) -> list[Sequence]:
         """After a failed step: drop the step in flight and the sequences it may have touched
@@ -314,8 +263,10 @@ class LLMEngine:
         """Step until every queued sequence is done. On any error (Ctrl-C included) the queue
         is dropped and its pages freed, so the engine stays usable. ``on_step`` gets each step's
         updated sequences (stop strings, streamers and profilers hook in there)."""
+        self.sync_weights()
         bar = tqdm(total=len(seqs), disable=not progress, unit="req", desc="hf_cb")
         start, generated_before = time.perf_counter(), self.num_generated_tokens
+        queries_before, hits_before = self.prefix_cache_stats()
         try:
             while self.has_unfinished():
                 updated = self.step()
@@ -324,7 +275,9 @@ class LLMEngine:
                 done = sum(s.is_done for s in updated)
                 if done:
                     rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
-                    bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+                    queries, hits = self.prefix_cache_stats()
+                    cached = (hits - hits_before) / max(queries - queries_before, 1)
+                    bar.set_postfix(tok_s=f"{rate:.0f}", cached=f"{cached:.0%}", refresh=False)
                     bar.update(done)
         except BaseException:
             self.abort_all()
@@ -345,6 +298,7 @@ class LLMEngine:
         self.scheduler.on_launch(batch)
         self.stats.steps += 1
         self.stats.decode_steps += batch.is_decode
+        self.stats.tokens += sum(batch.num_new_tokens)
         self.stats.host_s += time.perf_counter() - start
         return handle
 
@@ -358,11 +312,64 @@ class LLMEngine:
         self.stats.host_s += time.perf_counter() - waited
         return updated
 
+    # -- prefix cache, weights and memory ------------------------------------------------------
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, of them found there), since start."""
+        return self.stats.prefix_queries, self.stats.prefix_hits
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (sequences running keep their pages)."""
+        if not self.asleep:
+            self.manager.reset_prefix_cache()
+
+    def sync_weights(self) -> None:
+        """Call before running new requests: if the weights were written since the last call
+        (an optimizer step, `load_state_dict`), cached prefixes computed with the old ones are
+        forgotten; if parameters were replaced by new tensors, the CUDA graphs (which hold their
+        addresses) are captured again."""
+        state = weights_state(self.model)
+        if state == self._weights:
+            return
+        moved = state[0] != self._weights[0]
+        self._weights = state
+        self.reset_prefix_cache()
+        if moved and not self.asleep and self.runner.graphs is not None:
+            logger.info("hf_cb: the model's parameters were replaced; capturing the decode graphs again")
+            self._capture_graphs()
+
+    @property
+    def asleep(self) -> bool:
+        return self.cache is None
+
+    def sleep(self) -> None:
+        """Free the page pool and the decode graphs (the memory the engine can rebuild), for a
+        trainer to use; `wake_up` (or the next request) rebuilds them."""
+        if self.asleep:
+            return
+        if self.owner is not None or self.has_unfinished():
+            raise RuntimeError("hf_cb: an engine with requests running (or an OnlineEngine stepping it) cannot sleep")
+        self.cache = self.manager = self.scheduler = self.runner = None
+        gc.unfreeze()  # the engine's parts refer to each other; frozen objects are never collected
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        freeze_heap()
+
+    def wake_up(self) -> None:
+        """Rebuild what `sleep` freed: as many pages as before, and the decode graphs."""
+        if not self.asleep:
+            return
+        self._build(self.num_pages)
+        self._capture_graphs()
+        freeze_heap()
+
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""
-        self.abort_all()
+        if not self.asleep:
+            self.abort_all()
+            self.cache.layers.clear()
         self._detach()
-        self.cache.layers.clear()
 
     def _detach(self) -> None:
         """Take hf_cb's hooks and attention implementation off the model."""

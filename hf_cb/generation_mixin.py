@@ -112,6 +112,7 @@ def generate_batch_continuous(
             finish_reason=s.finish_reason,
             text=tokenizer.decode(s.output_ids, skip_special_tokens=True) if tokenizer is not None else None,
             logprobs=s.logprobs,
+            num_cached_tokens=s.num_prefix_hit_tokens or 0,
         )
         for s in seqs
     ]

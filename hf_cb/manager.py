@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .prefix_cache import PrefixCache
+
 
 class OutOfPages(RuntimeError):
     """Raised when an allocation needs more free pages than the pool has."""
@@ -52,12 +54,14 @@ class PageTable:
 class PageManager:
     """Hands out pages from a fixed pool and keeps each sequence's block table.
 
-    A sequence owns a row of the 2-D block table while it holds pages; `fork` shares full pages
-    between sequences through reference counts, so a page returns to the free list only when its
-    last holder frees it.
+    A sequence owns a row of the 2-D block table while it holds pages; full pages are shared
+    between sequences through reference counts (`fork`, and prefix-cache hits), so a page
+    returns to the pool only when its last holder frees it. With ``prefix_caching`` a freed page
+    that holds a cached prefix stays cached until its memory is needed (`prefix_cache`).
     """
 
-    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int):
+    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int,
+                 prefix_caching: bool = False):
         if num_pages < 1 or page_size < 1 or max_seqs < 1 or max_pages_per_seq < 1:
             raise ValueError("num_pages, page_size, max_seqs and max_pages_per_seq must be >= 1")
         self.num_pages = num_pages
@@ -70,12 +74,15 @@ class PageManager:
         self.block_table = np.zeros((max_seqs, max_pages_per_seq), dtype=np.int32)
         self.num_seq_pages = [0] * max_seqs  # a list: read one row at a time, cheaply
         self._rows: dict[int, int] = {}
+        self.prefix_cache = PrefixCache() if prefix_caching else None
 
     # -- bookkeeping -------------------------------------------------------------------------
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free_pages)
+        """Pages nobody holds: free ones and evictable cached ones."""
+        cached = len(self.prefix_cache.evictable) if self.prefix_cache is not None else 0
+        return len(self._free_pages) + cached
 
     def has(self, seq_id: int) -> bool:
         return seq_id in self._rows
@@ -93,34 +100,58 @@ class PageManager:
         have = 0 if row is None else self.num_seq_pages[row]
         return max(0, -(-num_tokens // self.page_size) - have)
 
-    def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
-        needed = self.pages_needed(seq_id, num_tokens)
-        return needed <= self.num_free_pages and (needed == 0 or self._has_row(seq_id))
+    def can_allocate(self, seq_id: int, num_tokens: int, prefix: list[int] = ()) -> bool:
+        """Whether `allocate` with the same arguments would succeed."""
+        needed = self.pages_needed(seq_id, num_tokens) - len(prefix)
+        free = self.num_free_pages
+        if prefix:  # cached pages nobody holds count as free until the prefix takes them
+            free -= sum(p in self.prefix_cache.evictable for p in prefix)
+        return needed <= free and (needed + len(prefix) == 0 or self._has_row(seq_id))
 
     def _has_row(self, seq_id: int) -> bool:
         return seq_id in self._rows or bool(self._free_rows)
 
     # -- allocation --------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        """Grow the sequence's block table to hold ``num_tokens`` tokens (all or nothing)."""
+    def allocate(self, seq_id: int, num_tokens: int, prefix: list[int] = ()) -> None:
+        """Grow the sequence's block table to hold ``num_tokens`` tokens (all or nothing). A new
+        sequence may start from ``prefix``: cached pages (`match`) it then shares."""
         total_pages = -(-num_tokens // self.page_size)
         if total_pages > self.max_pages_per_seq:
             raise ValueError(
                 f"sequence {seq_id} needs {total_pages} pages for {num_tokens} tokens; "
                 f"the block table holds {self.max_pages_per_seq}"
             )
+        if not self.can_allocate(seq_id, num_tokens, prefix):
+            raise OutOfPages(f"sequence {seq_id} needs {self.pages_needed(seq_id, num_tokens) - len(prefix)} pages, "
+                             f"{self.num_free_pages} are free")
+        if prefix:
+            self._share_prefix(seq_id, prefix)
         needed = self.pages_needed(seq_id, num_tokens)
         if needed == 0:
             return
-        if needed > self.num_free_pages:
-            raise OutOfPages(f"sequence {seq_id} needs {needed} pages, {self.num_free_pages} are free")
         row = self._row_for(seq_id)
         start = self.num_seq_pages[row]
-        pages = [self._free_pages.pop() for _ in range(needed)]
+        pages = [self._take_page() for _ in range(needed)]
         self.block_table[row, start : start + needed] = pages
         self.num_seq_pages[row] = start + needed
         self.ref_counts[pages] = 1
+
+    def _share_prefix(self, seq_id: int, prefix: list[int]) -> None:
+        if seq_id in self._rows:
+            raise ValueError(f"sequence {seq_id} already holds pages; a cached prefix starts a sequence")
+        row = self._row_for(seq_id)
+        for page in prefix:
+            self.prefix_cache.acquire(page)
+        self.block_table[row, : len(prefix)] = prefix
+        self.num_seq_pages[row] = len(prefix)
+        self.ref_counts[prefix] += 1
+
+    def _take_page(self) -> int:
+        """A free page, else the least recently freed cached one (evicted)."""
+        if self._free_pages:
+            return self._free_pages.pop()
+        return self.prefix_cache.evict()
 
     def _row_for(self, seq_id: int) -> int:
         row = self._rows.get(seq_id)
@@ -145,15 +176,39 @@ class PageManager:
         self.ref_counts[pages] += 1
 
     def free(self, seq_id: int) -> None:
-        """Drop the sequence's pages; pages nobody else holds go back to the pool."""
+        """Drop the sequence's pages; pages nobody else holds go back to the pool (cached ones
+        stay cached, the last page of the sequence first in line for eviction)."""
         row = self._rows.pop(seq_id, None)
         if row is None:
             return
         pages = self.block_table[row, : self.num_seq_pages[row]]
         self.ref_counts[pages] -= 1
-        self._free_pages.extend(int(p) for p in pages[::-1] if self.ref_counts[p] == 0)
+        cache = self.prefix_cache
+        for p in pages[::-1].tolist():
+            if self.ref_counts[p] == 0 and (cache is None or not cache.release(p)):
+                self._free_pages.append(p)
         self.num_seq_pages[row] = 0
         self._free_rows.append(row)
+
+    # -- prefix caching ----------------------------------------------------------------------
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of ``hashes`` (`prefix_cache.page_hashes`)."""
+        return self.prefix_cache.lookup(hashes) if self.prefix_cache is not None else []
+
+    def register(self, seq_id: int, hashes: list[bytes], start: int) -> None:
+        """Cache the sequence's pages ``start .. len(hashes) - 1``, full and computed, under
+        ``hashes`` (a prefix another page holds already stays with that page)."""
+        if self.prefix_cache is None:
+            return
+        row = self._rows[seq_id]
+        for i in range(start, len(hashes)):
+            self.prefix_cache.register(int(self.block_table[row, i]), hashes[i])
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (pages computed with other weights, say)."""
+        if self.prefix_cache is not None:
+            self._free_pages.extend(self.prefix_cache.reset())
 
     # -- step metadata -----------------------------------------------------------------------
 

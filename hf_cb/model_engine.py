@@ -38,3 +38,27 @@ def release(model: torch.nn.Module) -> None:
         gc.collect()  # the engine's parts refer to each other: free the pages now, not later
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def reset_prefix_cache(model: torch.nn.Module) -> None:
+    """Forget the prefixes the model's engine has cached. Needed only after writing weights in
+    a way the engine cannot see (through ``param.data``); optimizer steps and `load_state_dict`
+    are noticed at the next call."""
+    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        engine.reset_prefix_cache()
+
+
+def sleep(model: torch.nn.Module) -> None:
+    """Free the GPU memory of the model's engine that it can rebuild (the KV page pool and the
+    decode CUDA graphs), e.g. for a training step; the next call (or `wake_up`) rebuilds it."""
+    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        engine.sleep()
+
+
+def wake_up(model: torch.nn.Module) -> None:
+    """Rebuild what `sleep` freed now, rather than at the next call."""
+    engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
+    if engine is not None:
+        engine.wake_up()

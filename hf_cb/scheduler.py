@@ -4,6 +4,12 @@ Running sequences go first, in admission order: a decode row costs one token, an
 prompt costs its next chunk. Waiting sequences are admitted while the step has token budget,
 sequence slots and pages. When pages run out, the most recently admitted sequences are
 preempted: their pages are freed and they are recomputed later from their tokens so far.
+
+With prefix caching, an admitted sequence starts from the cached pages of its longest cached
+prefix (always leaving at least one token to compute, whose logits it needs), and its full
+pages are cached once computed. A waiting sequence whose next page a running sequence is about
+to compute waits a step and takes it from the cache: the ``n`` samples of a prompt, or requests
+sharing a system prompt that arrive together, prefill it once.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from .config import EngineConfig
 from .manager import PageManager
+from .prefix_cache import page_hashes
 from .sequence import Sequence, SequenceStatus, TokenLogprob
 
 
@@ -51,10 +59,14 @@ def decode_rows_first(batch: ScheduledBatch) -> ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, manager: PageManager):
+    def __init__(self, config: EngineConfig, manager: PageManager, stats: Any = None):
+        """``stats``: counts ``prefix_queries`` and ``prefix_hits`` (the engine's `StepStats`)."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.manager = manager
+        self.page_size = manager.page_size
+        self.caching = manager.prefix_cache is not None
+        self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -85,18 +97,60 @@ class Scheduler:
         return decode_rows_first(batch)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_cached_tokens, budget)
-            if not self.manager.can_allocate(seq.seq_id, seq.num_cached_tokens + n):
+        i, promised = 0, None
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            prefix, matchable = self._cached_prefix(seq)
+            if len(prefix) < matchable:  # does a running sequence compute the next page now?
+                promised = self._promised_pages() if promised is None else promised
+                if seq.block_hashes[len(prefix)] in promised:
+                    i += 1  # next step it is cached
+                    continue
+            num_cached = len(prefix) * self.page_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.manager.can_allocate(seq.seq_id, num_cached + n, prefix):
                 break
-            self.manager.allocate(seq.seq_id, seq.num_cached_tokens + n)
-            self.waiting.popleft()
+            self.manager.allocate(seq.seq_id, num_cached + n, prefix)
+            self._count_hits(seq, num_cached, len(prefix))
+            if promised is not None:
+                promised.update(seq.block_hashes[len(prefix) :])
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
+        """(the cached pages a waiting sequence starts from, how many pages could have been)."""
+        if not self.caching:
+            return [], 0
+        # Resolved tokens only, and never the last token: its logits are needed.
+        matchable = min(seq.num_tokens - 1, seq.num_tokens - seq.num_pending) // self.page_size
+        page_hashes(seq.token_ids, self.page_size, seq.block_hashes, matchable)
+        return self.manager.match(seq.block_hashes[:matchable]), matchable
+
+    def _promised_pages(self) -> set[bytes]:
+        """Hashes of prompt pages that running sequences have yet to compute or cache."""
+        return {h for s in self.running if s.num_cached_tokens < len(s.prompt_ids)
+                for h in s.block_hashes[s.num_registered_pages :]}
+
+    def _count_hits(self, seq: Sequence, num_cached: int, num_pages: int) -> None:
+        seq.num_cached_tokens = num_cached
+        seq.num_registered_pages = num_pages  # the cached pages are registered already
+        if seq.num_prefix_hit_tokens is None:
+            seq.num_prefix_hit_tokens = num_cached
+        if self.caching and self.stats is not None:
+            self.stats.prefix_queries += seq.num_tokens
+            self.stats.prefix_hits += num_cached
+
+    def _register(self, seq: Sequence) -> None:
+        """Cache the sequence's full pages whose tokens are all computed and known."""
+        full = min(seq.num_cached_tokens, seq.num_tokens - seq.num_pending) // self.page_size
+        if full > seq.num_registered_pages:
+            hashes = page_hashes(seq.token_ids, self.page_size, seq.block_hashes, full)
+            self.manager.register(seq.seq_id, hashes[:full], seq.num_registered_pages)
+            seq.num_registered_pages = full
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Allocate pages for ``seq``, preempting the newest running sequences as needed.
@@ -114,7 +168,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.pop()
         self.manager.free(seq.seq_id)
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_registered_pages = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -126,6 +180,8 @@ class Scheduler:
         sample_rows = batch.sample_rows
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_cached_tokens += n
+            if self.caching:
+                self._register(seq)
         finished = False
         for k, row in enumerate(sample_rows):
             seq = batch.seqs[row]
@@ -158,6 +214,8 @@ class Scheduler:
         return updated
 
     def _finish(self, seq: Sequence) -> None:
+        if self.caching and self.manager.has(seq.seq_id):
+            self._register(seq)  # its last full pages (a chat's next turn starts with them)
         seq.status = SequenceStatus.FINISHED
         self.manager.free(seq.seq_id)
 

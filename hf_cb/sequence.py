@@ -55,6 +55,12 @@ class Sequence:
     num_pending: int = 0
     pending_src: int = -1
     logprobs: list[TokenLogprob | None] | None = None  # one per generated token, when asked for
+    # Prefix caching: chained hashes of the full pages hashed so far, how many of this
+    # sequence's pages are registered in the cache, and the prompt tokens its first admission
+    # found cached (vLLM's num_cached_tokens; None until admitted).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_pages: int = 0
+    num_prefix_hit_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -117,6 +123,7 @@ class Sequence:
         them (pending ones included) are dropped, and their values ignored when they arrive."""
         assert num_generated <= self.num_resolved, "only resolved tokens can be kept"
         del self.token_ids[len(self.prompt_ids) + num_generated :]
+        self.block_hashes.clear()  # rehashed if ever needed (a truncated sequence is ending)
         if self.logprobs is not None:
             del self.logprobs[num_generated:]
         self.num_pending = 0
@@ -133,6 +140,7 @@ class Completion:
             reached) or ``"abort"``.
         text: ``token_ids`` decoded with special tokens skipped, when a tokenizer was given.
         logprobs: one `TokenLogprob` per generated token, when ``logprobs=`` was given.
+        num_cached_tokens: prompt tokens whose KV came from the prefix cache (as in vLLM).
     """
 
     prompt_ids: list[int]
@@ -140,3 +148,4 @@ class Completion:
     finish_reason: FinishReason
     text: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..online import EngineDeadError, EngineStream, OnlineEngine
 from ..sampling import SamplingParams
-from ..engine import RequestLimits
+from ..limits import RequestLimits
 from .serving import SamplingDefaults, generation_defaults
 
 logger = logging.getLogger("hf_cb")

@@ -1,0 +1,43 @@
+"""Which attention backend serves a model: FlashInfer on CUDA where it can, PyTorch elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import EngineConfig
+from .flashinfer_backend import FlashInferBackend
+from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
+from .model_support import AttentionShape
+from .torch_backend import TorchAttentionBackend
+
+
+def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
+                 max_num_page_ids: int):
+    """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
+    if config.attention_backend == "torch":
+        return TorchAttentionBackend(config.page_size, device)
+    if device.type != "cuda":
+        if config.attention_backend == "flashinfer":
+            raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
+        return TorchAttentionBackend(config.page_size, device)
+    reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
+    if reason:
+        if config.attention_backend == "flashinfer":
+            raise ValueError(reason)
+        warnings.warn(f"hf_cb: using the PyTorch attention backend on CUDA: {reason}", stacklevel=3)
+        return TorchAttentionBackend(config.page_size, device)
+    return FlashInferBackend(
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        page_size=config.page_size,
+        dtype=dtype,
+        device=device,
+        max_num_seqs=config.max_num_seqs,
+        max_num_tokens=config.max_num_batched_tokens,
+        max_num_page_ids=max_num_page_ids,
+        prefill_backend=config.prefill_backend,
+        decode_tensor_cores=config.decode_tensor_cores,
+    )

@@ -1,0 +1,17 @@
+"""Noticing that a model's weights changed between engine runs (an optimizer step, a
+`load_state_dict`), so that nothing computed with the old ones is reused."""
+
+from __future__ import annotations
+
+import torch
+
+
+def weights_state(model: torch.nn.Module) -> tuple[tuple[int, ...], int]:
+    """(the address of every parameter and buffer, the sum of their version counters).
+
+    In-place writes (optimizers, `load_state_dict`, ``with torch.no_grad(): p.copy_(...)``)
+    bump a tensor's version counter; replacing a parameter changes its address. Writes through
+    ``p.data`` bump neither: after those, call `hf_cb.reset_prefix_cache`.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple(t.data_ptr() for t in tensors), sum(t._version for t in tensors)
