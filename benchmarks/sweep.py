@@ -95,7 +95,7 @@ def main(argv=None) -> list[dict]:
 
     model = build_model(args.model, torch.bfloat16, "cuda")
     wl = make_workload(workload, model.config.vocab_size, args.limit)
-    warm = Workload(wl.prompts[:8], [min(16, n) for n in wl.output_lens[:8]])
+    warm = wl.head(8, max_output=16)
     roofline = roofline_tokens_per_s(model, wl, measure_bandwidth("cuda"), measure_matrix_rate("cuda", torch.bfloat16))
     print(f"{args.model} {workload}: roofline {roofline:,.0f} output tok/s, {torch.cuda.get_device_name()}")
     print("| config | output tok/s | fraction of roofline | steps | decode steps | host ms/step | wait ms/step "
