@@ -8,7 +8,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass
 from itertools import count
@@ -62,13 +63,18 @@ def compile_forward(model: torch.nn.Module, num_layers: int):
     return torch.compile(model, dynamic=True)
 
 
-def freeze_heap() -> None:
-    """Take every object alive now out of the cyclic garbage collector's walks. Compilation
-    and graph capture leave millions of long-lived objects, and a full collection over them in
-    the middle of a run stalls the host (vLLM freezes its heap after start-up for the same
-    reason). `hf_cb.release` unfreezes."""
-    gc.collect()
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave every object alive when a run starts out of the cyclic garbage collector's walks
+    until it ends. Compilation and graph capture leave millions of long-lived objects, and a
+    full collection over them in the middle of a run stalls the host (vLLM freezes its heap
+    for the same reason). Unfrozen after the run: garbage among them (a training step's, say)
+    is still collected."""
     gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class LLMEngine:
@@ -120,7 +126,6 @@ class LLMEngine:
         self._build(num_pages)
         self._capture_graphs()
         self._weights = weights_state(model)
-        freeze_heap()
         logger.info(
             "hf_cb: %d KV pages of %d tokens: %d tokens of KV cache (%.2f GiB), %s attention",
             num_pages, config.page_size, num_pages * config.page_size,
@@ -265,26 +270,29 @@ class LLMEngine:
         updated sequences (stop strings, streamers and profilers hook in there)."""
         self.sync_weights()
         bar = tqdm(total=len(seqs), disable=not progress, unit="req", desc="hf_cb")
-        start, generated_before = time.perf_counter(), self.num_generated_tokens
-        queries_before, hits_before = self.prefix_cache_stats()
         try:
-            while self.has_unfinished():
-                updated = self.step()
-                if on_step is not None:
-                    on_step(updated)
-                done = sum(s.is_done for s in updated)
-                if done:
-                    rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
-                    queries, hits = self.prefix_cache_stats()
-                    cached = (hits - hits_before) / max(queries - queries_before, 1)
-                    bar.set_postfix(tok_s=f"{rate:.0f}", cached=f"{cached:.0%}", refresh=False)
-                    bar.update(done)
+            with frozen_heap():
+                self._step_until_done(bar, on_step)
         except BaseException:
             self.abort_all()
             raise
         finally:
             bar.close()
-            freeze_heap()  # what this run compiled is long-lived too
+
+    def _step_until_done(self, bar: tqdm, on_step: Callable[[list[Sequence]], None] | None) -> None:
+        start, generated_before = time.perf_counter(), self.num_generated_tokens
+        queries_before, hits_before = self.prefix_cache_stats()
+        while self.has_unfinished():
+            updated = self.step()
+            if on_step is not None:
+                on_step(updated)
+            done = sum(s.is_done for s in updated)
+            if done:
+                rate = (self.num_generated_tokens - generated_before) / (time.perf_counter() - start)
+                queries, hits = self.prefix_cache_stats()
+                cached = (hits - hits_before) / max(queries - queries_before, 1)
+                bar.set_postfix(tok_s=f"{rate:.0f}", cached=f"{cached:.0%}", refresh=False)
+                bar.update(done)
 
     def _launch_next(self, prev: StepHandle | None) -> StepHandle | None:
         """Schedule and launch the next step (None when nothing can run until ``prev`` resolves)."""
@@ -307,7 +315,7 @@ class LLMEngine:
         tokens, logprobs = self.runner.wait(handle)
         waited = time.perf_counter()
         updated = self.scheduler.resolve(handle.batch, tokens, logprobs)
-        self.num_generated_tokens += len(tokens)
+        self.num_generated_tokens += len(updated)  # not the tokens dropped after an EOS
         self.stats.wait_s += waited - start
         self.stats.host_s += time.perf_counter() - waited
         return updated
@@ -350,11 +358,9 @@ class LLMEngine:
         if self.owner is not None or self.has_unfinished():
             raise RuntimeError("hf_cb: an engine with requests running (or an OnlineEngine stepping it) cannot sleep")
         self.cache = self.manager = self.scheduler = self.runner = None
-        gc.unfreeze()  # the engine's parts refer to each other; frozen objects are never collected
-        gc.collect()
+        gc.collect()  # the engine's parts refer to each other: free the pages now
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        freeze_heap()
 
     def wake_up(self) -> None:
         """Rebuild what `sleep` freed: as many pages as before, and the decode graphs."""
@@ -362,7 +368,6 @@ class LLMEngine:
             return
         self._build(self.num_pages)
         self._capture_graphs()
-        freeze_heap()
 
     def release(self) -> None:
         """Give the model back its attention implementation; drop the pages."""

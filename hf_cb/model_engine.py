@@ -34,7 +34,6 @@ def release(model: torch.nn.Module) -> None:
         engine.release()
         object.__delattr__(model, _ENGINE_ATTR)
         del engine
-        gc.unfreeze()  # the engine froze the heap (engine.freeze_heap)
         gc.collect()  # the engine's parts refer to each other: free the pages now, not later
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
