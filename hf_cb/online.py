@@ -266,6 +266,10 @@ class OnlineEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
     def check_request(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
         """Raise a ValueError naming the problem if the request can never run."""
         self.engine.limits.check(0, prompt_ids, params)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +62,13 @@ def model_from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     _models.add(model)
+    return model
+
+
+def keep_engine(model):
+    """Exempt ``model`` from the per-test engine release below: a module-scoped server steps it
+    across tests (its fixture releases it)."""
+    _models.discard(model)
     return model
 
 
@@ -119,3 +129,52 @@ def byte_tokenizer(vocab_size: int = VOCAB):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+# -- the embedded default model (test_model_loader, test_cli) ----------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat_ids(tokenizer) -> torch.Tensor:
+    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """Fetch and convert the default model into a fresh cache, once per session (``cache``:
+    the folder to point ``$HF_CB_CACHE`` at). The GGUF is loaded only once: a spy on
+    ``load_model`` keeps what the conversion loaded (through the ``.gguf`` path branch) and its
+    logits, the reference the converted folder must match exactly."""
+    from hf_cb import model_loader
+
+    cache = tmp_path_factory.mktemp("hf_cb_cache")
+    calls, records = [], []
+    real_load = model_loader.load_model
+
+    def spy(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        with torch.no_grad():
+            logits = loaded.model(chat_ids(loaded.tokenizer)).logits
+        calls.append(SimpleNamespace(name=loaded.name, cls=type(loaded.model).__name__,
+                                     chat_template=loaded.tokenizer.chat_template, logits=logits))
+        return loaded
+
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("hf_cb")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model_loader, "load_model", spy)
+            start = time.perf_counter()
+            folder = model_loader.default_model_dir(cache)
+            seconds = time.perf_counter() - start
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    print(f"\nfirst use (download + conversion): {seconds:.1f} s")
+    assert len(calls) == 1, "the GGUF must be loaded exactly once"
+    return SimpleNamespace(cache=cache, folder=folder, gguf=calls[0], log="\n".join(records))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -15,56 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import chat_ids
 from hf_cb import model_loader
 from hf_cb.model_loader import DEFAULT_MODEL_NAME, load_model, resolve_device, resolve_dtype
-
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def chat_ids(tokenizer) -> torch.Tensor:
-    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Fetch and convert the default model into a fresh cache. The GGUF is loaded only once:
-    a spy on ``load_model`` keeps what the conversion loaded (through the ``.gguf`` path branch)
-    and its logits, the reference the converted folder must match exactly."""
-    # Convert into the session's shared cache (conftest's fallback when $HF_CB_CACHE is unset) so
-    # later test files reuse this copy; if one converted there already, convert afresh here.
-    cache = tmp_path_factory.getbasetemp() / "hf_cb_cache"
-    if cache.exists():
-        cache = tmp_path_factory.mktemp("hf_cb_cache")
-    calls, records = [], []
-    real_load = model_loader.load_model
-
-    def spy(*args, **kwargs):
-        loaded = real_load(*args, **kwargs)
-        with torch.no_grad():
-            logits = loaded.model(chat_ids(loaded.tokenizer)).logits
-        calls.append(SimpleNamespace(name=loaded.name, cls=type(loaded.model).__name__,
-                                     chat_template=loaded.tokenizer.chat_template, logits=logits))
-        return loaded
-
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("hf_cb")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(model_loader, "load_model", spy)
-            start = time.perf_counter()
-            folder = model_loader.default_model_dir(cache)
-            seconds = time.perf_counter() - start
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    print(f"\nfirst use (download + conversion): {seconds:.1f} s")
-    assert len(calls) == 1, "the GGUF must be loaded exactly once"
-    return SimpleNamespace(cache=cache, folder=folder, gguf=calls[0], log="\n".join(records))
-
 
 @pytest.fixture(scope="module")
 def reloaded(converted):

@@ -58,11 +58,11 @@ async def _until_disconnect(request: Request, work, streams: list[RequestStream]
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
+        task.cancel()  # a no-op once done
         for stream in streams:
             stream.abort()
-    if task.cancelled():
+    # cancel() only asks: the task is not done yet, and its result() would raise InvalidStateError
+    if not task.done() or task.cancelled():
         return Response(status_code=499)  # nobody reads it: the client is gone
     return task.result()
 

@@ -45,6 +45,10 @@ class EngineClient:
     def max_model_len(self) -> int:
         return self.limits.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.limits.vocab_size
+
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         self.limits.check(0, prompt_ids, params)
 

@@ -118,7 +118,8 @@ class _EngineBridge:
                     except EngineDeadError as error:
                         stream._fail(error)
                         self.flush()
-                elif message[0] == "abort" and (stream := streams.get(message[1])) is not None:
+                # pop: an aborted stream is never fed a finish, which is what pops the others
+                elif message[0] == "abort" and (stream := streams.pop(message[1], None)) is not None:
                     self.online.abort(stream)
                 elif message[0] in ("ready", "failed"):
                     self.reply = message

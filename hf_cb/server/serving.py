@@ -158,6 +158,12 @@ class Serving:
     def check(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
               logprobs: int | None, prompt_param: str) -> list[SamplingParams]:
         """Each prompt's sampling parameters; an `APIError` (400) if any request can never run."""
+        # Stop token ids become EOS ids, which the engine bans below min_tokens by indexing the
+        # logits: one outside the vocabulary would fail the step, and every request in it.
+        bad = [t for t in req.stop_token_ids or () if not 0 <= t < self.online.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids has token id {bad[0]} outside the vocabulary (size "
+                           f"{self.online.vocab_size})", param="stop_token_ids")
         params = [self.params(req, len(p), logprobs, prompt_param) for p in prompts]
         for p, prm in zip(prompts, params):
             try:
