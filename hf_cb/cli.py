@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -80,6 +81,7 @@ def serve(args: argparse.Namespace) -> None:
     server = HTTPServer(online, loaded.tokenizer, model_name=name, host=args.host, port=args.port, api_key=api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("hf_cb: listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
     try:
         server.start()
         engine = online.engine
@@ -93,6 +95,10 @@ def serve(args: argparse.Namespace) -> None:
     finally:
         server.stop()
         online.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def generate(args: argparse.Namespace) -> None:

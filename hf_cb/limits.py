@@ -27,6 +27,10 @@ class RequestLimits:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
+        # EOS ids index the logits (the min_new_tokens ban): one outside would fail the step.
+        bad = [t for t in params.eos_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -23,6 +23,7 @@ import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .engine import frozen_heap
 from .model_engine import get_engine
 from .sampling import SamplingParams, random_seed
 from .sequence import FinishReason, Sequence, TokenLogprob
@@ -336,27 +337,33 @@ class OnlineEngine:
 
     def _loop(self) -> None:
         try:
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.engine.has_unfinished():
-                    self._notify_listeners()
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                try:
-                    updated = self.engine.step()
-                except Exception as error:  # noqa: BLE001 - the requests it touched fail, the loop goes on
-                    if _is_fatal(error):
-                        raise
-                    self._fail_running(error)
-                    continue
-                self._deliver(updated)
-                self._notify_listeners()
+            with frozen_heap():  # as a run of the offline engine, for the loop's whole life
+                self._step_until_stopped()
         except BaseException as error:  # noqa: BLE001 - recorded: /health and new requests see it
             self.error = error
             logger.exception("hf_cb: the step loop died")
         finally:
             self._close()
+
+    def _step_until_stopped(self) -> None:
+        while not self._stopping:
+            if self._inbox and not self.engine.has_unfinished():
+                self.engine.sync_weights()  # weights updated while idle: no stale cached prefix
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._notify_listeners()
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                updated = self.engine.step()
+            except Exception as error:  # noqa: BLE001 - the requests it touched fail, the loop goes on
+                if _is_fatal(error):
+                    raise
+                self._fail_running(error)
+                continue
+            self._deliver(updated)
+            self._notify_listeners()
 
     def _notify_listeners(self) -> None:
         for listener in self._listeners:

@@ -33,6 +33,7 @@ def assert_still_serves(model):
         ([[5, 6]], {"max_new_tokens": -3}, ValueError, "max_new_tokens must be >= 1"),
         ([[5, 6], [7, VOCAB]], {}, ValueError, f"token id {VOCAB} outside the vocabulary"),
         ([[5, -1]], {}, ValueError, "token id -1 outside"),
+        ([[5, 6]], {"eos_token_id": [2, VOCAB + 5]}, ValueError, f"stop token id {VOCAB + 5} is outside the vocabulary"),
         ([[5, 6]], {"num_beams": 2}, ValueError, "does not support this generation mode.*num_beams"),
         ([[5, 6]], {"max_new_tokens": [3, 4]}, ValueError, "max_new_tokens has 2 values for 4 inputs"),
         ([[5, 6]], {"not_an_argument": 1}, TypeError, "unexpected arguments.*not_an_argument"),

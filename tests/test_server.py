@@ -478,6 +478,8 @@ BAD_REQUESTS = {
     "unknown_field_chat": ("/v1/chat/completions", {"messages": MESSAGES, "frobnicate": True}, "frobnicate",
                            "Unrecognized request argument"),
     "token_id_too_large": ("/v1/completions", {"prompt": [5, VOCAB]}, "prompt", f"token id {VOCAB}", "vocabulary"),
+    "token_id_bool": ("/v1/completions", {"prompt": [5, True]}, "prompt", "prompt"),
+    "token_id_float": ("/v1/completions", {"prompt": [[5.0, 6]]}, "prompt", "prompt"),
     "token_id_negative": ("/v1/completions", {"prompt": [[5, 6], [7, -1]]}, "prompt", "token id -1", "vocabulary"),
     "stop_token_id_too_large": ("/v1/completions", {"prompt": "w5", "stop_token_ids": [10**6], "min_tokens": 2},
                                 "stop_token_ids", "10000", "vocabulary"),

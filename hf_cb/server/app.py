@@ -149,7 +149,7 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | N
                                              include_usage=include_usage, num_prompt_tokens=num_prompt_tokens), streams)
         try:
             choices = await _until_disconnect(request, collect(serving, streams), streams)
-        except (RequestFailed, EngineDeadError) as error:
+        except (RequestFailed, EngineDeadError, ValueError) as error:
             raise engine_error(error) from error
         if isinstance(choices, Response):
             return choices

@@ -34,9 +34,12 @@ class APIError(Exception):
 
 
 def engine_error(error: BaseException) -> APIError:
-    """The API error for a request the engine failed (500) or could not take (503)."""
+    """The API error for a request the engine refused when it took it (400: it changed since the
+    front end checked), failed (500) or could not take (503)."""
     if isinstance(error, EngineDeadError):
         return APIError(503, str(error), type="server_error", code="engine_dead")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
     return APIError(500, str(error), type="server_error")
 
 
@@ -283,6 +286,6 @@ async def stream_events(serving: Serving, streams: list[RequestStream], *, chat:
             yield sse({**head, "choices": [choice], **extra})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, completion_tokens)})
-    except (RequestFailed, EngineDeadError) as error:
+    except (RequestFailed, EngineDeadError, ValueError) as error:
         yield sse(engine_error(error).body())
     yield sse("[DONE]")
