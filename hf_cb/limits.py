@@ -21,12 +21,14 @@ class RequestLimits:
         """Raise a ValueError naming the problem if the request can never run."""
         if len(prompt_ids) == 0:
             raise ValueError(f"prompt {index} is empty")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool)]
-        if bad:
-            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad[0]!r}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
+        # type() is, not isinstance: a bool is an int to isinstance. min/max run in C.
+        if not all(type(t) is int for t in prompt_ids):
+            bad = next(t for t in prompt_ids if type(t) is not int)
+            raise ValueError(f"prompt {index} has a token id that is not an integer: {bad!r}")
+        lo, hi = min(prompt_ids), max(prompt_ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt {index} has token id {bad} outside the vocabulary (size {self.vocab_size})")
         # EOS ids index the logits (the min_new_tokens ban): one outside would fail the step.
         bad = [t for t in params.eos_token_ids if not 0 <= t < self.vocab_size]
         if bad:

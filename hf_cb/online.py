@@ -98,7 +98,11 @@ def _set_all(events: list[asyncio.Event]) -> None:
 
 class EngineStream:
     """What the step thread hands one sequence's new tokens to (`_push`); subclasses say where
-    they go (`_feed`): a local `RequestStream`, or a pipe to another process."""
+    they go (`_feed`): a local `RequestStream`, or a pipe to another process. ``wakes``: whether
+    the step thread must wake a consumer after feeding it (a remote stream's batch is sent once
+    per step by a listener instead)."""
+
+    wakes = True
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, notifier: Any):
         self.prompt_ids, self.params, self.seed, self.notifier = prompt_ids, params, seed, notifier
@@ -403,16 +407,18 @@ class OnlineEngine:
         self._streams[stream.seq.seq_id] = stream
 
     def _deliver(self, updated: list[Sequence]) -> None:
-        now, touched = time.perf_counter(), []
-        for seq in updated:
-            stream = self._streams.get(seq.seq_id)
+        now, touched, streams = time.perf_counter(), [], self._streams
+        for seq in updated:  # the hot path of serving: one pass, nothing per sequence beyond the feed
+            stream = streams.get(seq.seq_id)
             if stream is None:  # aborted
                 continue
             stream._push(seq, now)
-            touched.append(stream)
+            if stream.wakes:
+                touched.append(stream)
             if seq.is_done:
-                del self._streams[seq.seq_id]
-        wake_all(touched)
+                del streams[seq.seq_id]
+        if touched:
+            wake_all(touched)
 
     def _fail_running(self, error: Exception) -> None:
         logger.exception("hf_cb: a step failed; failing the requests it touched")

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytest.importorskip("fastapi")  # the serve extra; the GPU machine may not have it
+
 from conftest import DEVICE, QUESTION, random_prompts, tiny_model, word_tokenizer, words
 
 ROOT = Path(__file__).resolve().parents[1]

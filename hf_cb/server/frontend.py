@@ -60,11 +60,10 @@ class EngineClient:
 
     def submit(self, prompt_ids, params: SamplingParams, seed: int | None = None, *, notifier=None, stop=(),
                include_stop: bool = False, skip_special_tokens: bool = True) -> RequestStream:
-        """As `OnlineEngine.submit`."""
+        """As `OnlineEngine.submit`, for requests the routes have checked (`check_request`)."""
         if self.error is not None:
             raise EngineDeadError(str(self.error))
         prompt_ids = list(prompt_ids)
-        self.check_request(prompt_ids, params)
         stream = new_stream(self, self.tokenizer, prompt_ids, params, seed, notifier, stop, include_stop,
                             skip_special_tokens)
         stream.key = next(self._keys)

@@ -57,6 +57,8 @@ class FrontendSettings:
 class _RemoteStream(EngineStream):
     """A sequence whose consumer is in the front end: its outputs go into the bridge's batch."""
 
+    wakes = False  # the bridge sends each step's batch as the engine's listener
+
     def __init__(self, key: int, prompt_ids: list[int], params: SamplingParams, seed: int, bridge: "_EngineBridge"):
         super().__init__(prompt_ids, params, seed, bridge)
         self.key = key
@@ -89,7 +91,7 @@ class _EngineBridge:
         threading.Thread(target=self._receive, name="hf_cb-bridge", daemon=True).start()
 
     def notify(self) -> None:
-        """The streams' notifier: the step thread calls it after a step; `flush` sends."""
+        """The streams' notifier, for failures (`wake_all`); `flush` sends."""
 
     def flush(self) -> None:
         """Send the outputs gathered since the last flush, and the engine's state."""
