@@ -239,10 +239,30 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = apply_top_p(logits, batch.top_p)
     if batch.min_p is not None:
         logits = apply_min_p(logits, batch.min_p)
-    # Exponential race (equivalent to Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1).
-    exp_noise = -torch.log(uniform_noise(batch.seeds, batch.offsets, logits.shape[-1]))
-    drawn = (logits.softmax(dim=-1) / exp_noise).argmax(dim=-1)
-    return torch.where(batch.do_sample, drawn, greedy)
+    return torch.where(batch.do_sample, draw(logits, batch.seeds, batch.offsets), greedy)
+
+
+def _draw(logits: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max: argmax(logits + G) with G = -log(-log U), U from `uniform_noise`. The same
+    draw as the exponential race argmax p_i / E_i with E_i = -log U_i (take logs; the softmax's
+    normaliser is one constant per row), without the softmax."""
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, offsets, logits.shape[-1])))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+_compiled_draw = None
+
+
+def draw(logits: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """One sampled token per row of (processed) ``logits``. On CUDA the hash, the noise and the
+    argmax are one compiled kernel: eager, they were a dozen passes over ``[B, V]`` int64, about
+    10 ms a step for 1024 rows of a 128k vocabulary (W6 on an H200)."""
+    global _compiled_draw
+    if not logits.is_cuda:
+        return _draw(logits, seeds, offsets)
+    if _compiled_draw is None:
+        _compiled_draw = torch.compile(_draw, dynamic=True)
+    return _compiled_draw(logits, seeds, offsets)
 
 
 def is_greedy(batch: SamplingBatch) -> bool:

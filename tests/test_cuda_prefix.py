@@ -78,3 +78,19 @@ def test_sleep_frees_the_pool_and_wake_up_restores_it():
     assert torch.cuda.memory_allocated() >= used - 0.01 * pool and engine.runner.graphs is not None
     after = model.generate_batch_continuous(prompts, max_new_tokens=16, do_sample=False)
     assert [o.token_ids for o in after] == [o.token_ids for o in before]
+
+
+def test_compiled_draw_equals_the_eager_one():
+    """The sampler's draw is compiled on CUDA (one kernel instead of a dozen passes); it must
+    draw what the eager code draws from the same seeds."""
+    from hf_cb.sampling import _draw, draw
+
+    torch.manual_seed(0)
+    for rows, vocab in ((3, 1000), (1024, 128256)):
+        logits = torch.randn(rows, vocab, device="cuda") * 3
+        logits[0, : vocab // 2] = float("-inf")  # filtered tokens are never drawn
+        seeds = torch.randint(0, 2**62, (rows,), device="cuda")
+        offsets = torch.randint(0, 1000, (rows,), device="cuda")
+        got, want = draw(logits, seeds, offsets), _draw(logits, seeds, offsets)
+        assert (got == want).float().mean() > 0.99  # float rounding may flip a near tie
+        assert got[0] >= vocab // 2

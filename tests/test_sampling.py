@@ -56,7 +56,7 @@ def test_filters_never_emit_an_excluded_token():
 
 
 def test_draws_follow_the_distribution():
-    """Frequencies of 20k seeded draws match softmax(logits / T) (the exponential race is exact)."""
+    """Frequencies of 20k seeded draws match softmax(logits / T) (Gumbel-max is exact)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     params = [SamplingParams(1, do_sample=True, temperature=0.8)] * 20000
     batch = make_sampling_batch(params, range(20000), [[0]] * 20000, [0] * 20000, 6, torch.device("cpu"))
