@@ -6,6 +6,7 @@ Transformers and adds ``generate_batch_continuous`` to every generative model.
 
 from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
+from .data_parallel import generate_data_parallel
 from .engine import LLMEngine
 from .model_support import ModelNotSupported
 from .generation_mixin import disable, enable, generate, generate_batch_continuous, install
@@ -29,6 +30,7 @@ __all__ = [
     "enable",
     "generate",
     "generate_batch_continuous",
+    "generate_data_parallel",
     "get_engine",
     "release",
     "reset_prefix_cache",

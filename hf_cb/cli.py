@@ -14,6 +14,7 @@ import sys
 import typing
 from pathlib import Path
 
+from . import ranks
 from .config import EngineConfig
 
 logger = logging.getLogger("hf_cb")
@@ -55,6 +56,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks that each hold a shard of the weights, one GPU each (hf-cb starts them)")
     add_engine_args(parser)
 
 
@@ -64,18 +67,42 @@ def _start(args: argparse.Namespace):
         from . import server  # noqa: F401 - fails early without the serve extra
     except ImportError as error:
         sys.exit(f"hf-cb: {error.name} is missing: pip install 'hf_cb[serve]'")
+    from .model_engine import get_engine
     from .model_loader import load_model
     from .online import OnlineEngine
+    from .tensor_parallel import follow, follows
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    online = OnlineEngine(loaded.model, engine_config_from(args), tokenizer=loaded.tokenizer)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=_dp_size(args))
+    config = engine_config_from(args)
+    if follows(loaded.model):  # a tensor-parallel rank other than the first: it steps as that one does
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the first rank ends it, once its server has stopped
+            signal.signal(sig, signal.SIG_IGN)
+        follow(get_engine(loaded.model, config))
+        sys.exit(0)
+    online = OnlineEngine(loaded.model, config, tokenizer=loaded.tokenizer)
     return loaded, online
+
+
+def _stop(online) -> None:
+    """Stop the engine loop, and the tensor-parallel ranks that follow it."""
+    online.shutdown()
+    if online.engine.tp is not None:
+        online.engine.tp.stop()
+
+
+def _dp_size(args: argparse.Namespace) -> int:
+    return getattr(args, "data_parallel_size", 1)
 
 
 def serve(args: argparse.Namespace) -> None:
     from .server import HTTPServer
 
     loaded, online = _start(args)
+    replicas = ranks.Replicas(args.tensor_parallel_size) if _dp_size(args) > 1 else None
+    if replicas is not None and not replicas.is_first:
+        _serve_replica(online, replicas)
+        return
     api_key = args.api_key or os.environ.get("HF_CB_API_KEY")
     name = args.served_model_name or loaded.name
     server = HTTPServer(online, loaded.tokenizer, model_name=name, host=args.host, port=args.port, api_key=api_key)
@@ -84,6 +111,8 @@ def serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
     try:
         server.start()
+        if replicas is not None:  # the other replicas' engines join its front end
+            replicas.broadcast(server.engine_address)
         engine = online.engine
         logger.info("hf_cb: serving %s as %r at %s/v1 (%s, %s); KV cache: %d tokens in %d pages; %s",
                     loaded.name, name, server.url, engine.device, str(engine.dtype).removeprefix("torch."),
@@ -94,7 +123,27 @@ def serve(args: argparse.Namespace) -> None:
         pass
     finally:
         server.stop()
-        online.shutdown()
+        if replicas is not None:
+            replicas.broadcast("stop")
+        _stop(online)
+
+
+def _serve_replica(online, replicas: ranks.Replicas) -> None:
+    """Another data-parallel replica: its engine joins rank 0's front end until rank 0 stops."""
+    from .server.http_server import join
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 ends it, once its server has stopped
+        signal.signal(sig, signal.SIG_IGN)
+    address = replicas.broadcast()
+    if address == "stop":  # rank 0 could not serve
+        _stop(online)
+        return
+    bridge = join(online, *address)
+    try:
+        replicas.broadcast()  # "stop"
+    finally:
+        bridge.close()
+        _stop(online)
 
 
 def _interrupt(signum, frame) -> None:
@@ -111,7 +160,7 @@ def generate(args: argparse.Namespace) -> None:
     except BadLine as error:
         sys.exit(f"hf-cb generate: {error}")
     finally:
-        online.shutdown()
+        _stop(online)
     with open(args.output, "w") if args.output != "-" else sys.stdout as out:
         for result in results:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -126,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL as given)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set HF_CB_API_KEY)")
+    s.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas behind the one endpoint (each of --tensor-parallel-size GPUs); a request "
+                        "goes to the one with the fewest outstanding tokens")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="answer every line of a JSONL file, in order")
     _add_model_args(g)
@@ -143,7 +195,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    nproc = args.tensor_parallel_size * _dp_size(args)
+    if nproc > 1 and not ranks.under_torchrun():
+        sys.exit(ranks.launch(nproc, argv))
+    if ranks.under_torchrun():
+        ranks.check_world(nproc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.func(args)
 

@@ -30,6 +30,7 @@ from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import FinishReason, Sequence
+from .tensor_parallel import TensorParallel, tensor_parallel_group
 from .weights import weights_state
 
 logger = logging.getLogger("hf_cb")
@@ -84,6 +85,9 @@ class LLMEngine:
         register()
         self.config = config = config or EngineConfig()
         self.model = model
+        # Tensor parallel: rank 0 decides the requests, the pool size and the sampled tokens.
+        group = tensor_parallel_group(model)
+        self.tp = TensorParallel(group) if group is not None else None
         self.windows = layer_windows(model)
         self.shape = attention_shape(model)
         # Judge the model by what it does (one tiny step), not by its class's flags.
@@ -122,6 +126,8 @@ class LLMEngine:
             num_pages = self._profile_num_pages()
         else:
             num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
+        if self.tp is not None:  # tensor parallel: one config and one pool size on every rank
+            num_pages = self.tp.agree(config, num_pages)
         self.num_pages = num_pages
         self._build(num_pages)
         self._capture_graphs()
@@ -144,12 +150,18 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.manager, self.stats)
         self.runner = ModelRunner(
             self.model, self.forward, self.cache, self.manager, self.backend,
-            max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs, tp=self.tp,
         )
 
     def _capture_graphs(self) -> None:
         """Capture the decode graphs, if the config asks for them and the backend has them."""
         if not (self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend)):
+            return
+        if self.tp is not None:
+            # Capturing the all-reduces of Transformers' TP layers (NCCL, from Python hooks) in a
+            # graph beside eager steps on the same communicator is not verified: steps run eager.
+            logger.info("hf_cb: no decode CUDA graphs under tensor parallelism (collectives inside graphs are "
+                        "not supported by hf_cb yet); every step runs eager")
             return
         self.runner.graphs = None  # a recapture frees the old graphs' memory first
         start = time.perf_counter()
@@ -212,6 +224,8 @@ class LLMEngine:
         self.wake_up()
         seq = Sequence(next(self._seq_ids), list(prompt_ids), params, seed, index)
         self.scheduler.add(seq)
+        if self.tp is not None:  # tensor parallel: rank 0 sends it (and its seed) at the next step
+            self.tp.on_add(seq)
         return seq
 
     def finish(self, seq: Sequence, reason: FinishReason = "abort", num_generated: int | None = None) -> None:
@@ -221,6 +235,8 @@ class LLMEngine:
         seq.truncate(seq.num_resolved if num_generated is None else num_generated)
         seq.finish_reason = reason
         self.scheduler.abort(seq)
+        if self.tp is not None:  # tensor parallel: rank 0 sends it at the next step
+            self.tp.on_finish(seq, reason, num_generated)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -233,6 +249,8 @@ class LLMEngine:
         is launched before the previous one's tokens are read, so the host prepares step n+1
         while the device runs step n; a step whose rows read their generated tokens (penalties)
         waits for them first."""
+        if self.tp is not None:  # tensor parallel: apply rank 0's requests and aborts first
+            self.tp.sync(self)
         updated: list[Sequence] = []
         prev, self._in_flight = self._in_flight, None
         if prev is not None and not self._can_overlap():
@@ -304,6 +322,8 @@ class LLMEngine:
             return None
         handle = self.runner.launch(batch, prev)
         self.scheduler.on_launch(batch)
+        if self.tp is not None:
+            self.tp.on_launch(batch)
         self.stats.steps += 1
         self.stats.decode_steps += batch.is_decode
         self.stats.tokens += sum(batch.num_new_tokens)
@@ -330,6 +350,8 @@ class LLMEngine:
         """Forget every cached prefix (sequences running keep their pages)."""
         if not self.asleep:
             self.manager.reset_prefix_cache()
+        if self.tp is not None:  # tensor parallel: rank 0 sends it at the next step
+            self.tp.on_reset()
 
     def sync_weights(self) -> None:
         """Call before running new requests: if the weights were written since the last call

@@ -64,6 +64,15 @@ def resolve_dtype(dtype: str, device: torch.device, config=None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _rank_device() -> torch.device:
+    """A torchrun rank's device: GPU ``LOCAL_RANK`` (made current), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
 def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED_FILES)
 
@@ -163,9 +172,15 @@ def _hub_config(model: str, kwargs: dict[str, Any]):
 
 
 def load_model(model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False, cache_dir: str | Path | None = None) -> LoadedModel:
-    """Load ``model`` (None: the default; a ``.gguf`` file; a folder; else a hub id)."""
-    dev = resolve_device(device)
+               trust_remote_code: bool = False, cache_dir: str | Path | None = None,
+               tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> LoadedModel:
+    """Load ``model`` (None: the default; a ``.gguf`` file; a folder; else a hub id).
+
+    Under torchrun with ``tensor_parallel_size * data_parallel_size`` ranks: this rank's shard
+    (tensor parallel) or whole copy (data parallel only), on GPU ``LOCAL_RANK`` (``device`` is
+    ignored) or the CPU; the process group is started here (NCCL, or gloo on CPU)."""
+    parallel = tensor_parallel_size * data_parallel_size > 1
+    dev = _rank_device() if parallel else resolve_device(device)
     path = Path(model).expanduser() if model is not None else default_model_dir(cache_dir)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.suffix.lower() == ".gguf" and path.is_file():
@@ -179,7 +194,17 @@ def load_model(model: str | None = None, *, dtype: str = "auto", device: str = "
         config = _hub_config(source, kwargs)
     torch_dtype = resolve_dtype(dtype, dev, config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    # device_map loads straight onto the device (no full copy in host memory first).
-    lm = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, device_map=dev, **kwargs)
+    if tensor_parallel_size > 1:  # Transformers shards the weights and starts torch.distributed
+        from transformers.distributed import DistributedConfig
+
+        # Replicas over the other ranks: FSDP over groups of 1 rank, i.e. plain copies.
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size,
+                                                         dp_replicate_size=data_parallel_size)
+    else:
+        if parallel:
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # device_map loads straight onto the device (no full copy in host memory first).
+        kwargs["device_map"] = dev
+    lm = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype, **kwargs)
     name = DEFAULT_MODEL_NAME if model is None else str(model)
     return LoadedModel(model=lm.eval(), tokenizer=tokenizer, name=name)

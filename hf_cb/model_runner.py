@@ -22,6 +22,7 @@ from .scheduler import ScheduledBatch
 from .sequence import PENDING, TokenLogprob
 from .staging import Staging
 from .step_forward import forward_step
+from .tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -50,8 +51,10 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, manager: PageManager, backend,
-                 max_num_tokens: int, max_num_seqs: int, graphs: DecodeGraphs | None = None):
+                 max_num_tokens: int, max_num_seqs: int, graphs: DecodeGraphs | None = None,
+                 tp: TensorParallel | None = None):
         self.model = model
+        self.tp = tp  # a TensorParallel: every rank takes rank 0's sampled tokens
         self.forward = forward  # the model itself, or its compiled forward
         self.cache = cache
         self.manager = manager
@@ -122,6 +125,8 @@ class ModelRunner:
         else:
             logits = self._forward_eager(inputs, prev_tokens)
             tokens = sample(logits.float(), sampling)
+        if self.tp is not None:
+            self.tp.broadcast_tokens(tokens)
         logprobs = None
         if sampling.num_logprobs is not None:
             logprobs = compute_logprobs(logits, tokens, sampling.num_logprobs)

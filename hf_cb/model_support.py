@@ -9,6 +9,7 @@ the model's own forward.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from transformers import DynamicCache
 
 from .attention_interface import ATTENTION_NAME, STEP_KWARG, AttentionStep, register
 from .manager import PageManager
 from .paged_cache import PagedCache
-from .step_forward import forward_step
+from .step_forward import cache_keyword, forward_step
+from .tensor_parallel import tensor_parallel_size
 from .torch_backend import TorchAttentionBackend
 
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -71,16 +74,44 @@ class AttentionShape:
 
 
 def attention_shape(model: torch.nn.Module) -> AttentionShape:
+    """The attention of this process's model: under tensor parallelism, of its shard."""
     config = model.config.get_text_config(decoder=True)
     heads = getattr(config, "num_attention_heads", None)
     if not heads:  # RWKV, xLSTM...: no attention at all
         raise ModelNotSupported(f"{type(model).__name__}'s config names no attention heads; hf_cb serves attention LMs")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    tp_size = tensor_parallel_size(model)
+    if tp_size > 1:
+        heads, kv_heads = _shard_heads(model, heads, kv_heads, tp_size)
     return AttentionShape(
         num_layers=config.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        num_kv_heads=kv_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
     )
+
+
+def _shard_heads(model: torch.nn.Module, heads: int, kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """This rank's (query heads, K/V heads) of a tensor-parallel model. The config keeps the
+    model's global numbers, so the K/V heads are counted on what the shard's own forward writes
+    to a cache; the query heads keep the model's group size (Transformers' plans split q, k and
+    v alike)."""
+    name = type(model).__name__
+    if kv_heads % tp_size or heads % tp_size:
+        raise ModelNotSupported(
+            f"{name} has {heads} query and {kv_heads} K/V heads, which {tp_size} tensor-parallel ranks cannot "
+            f"split into whole heads; hf_cb does not replicate K/V heads: use a tensor-parallel size that "
+            f"divides {math.gcd(heads, kv_heads)}"
+        )
+    cache = DynamicCache()
+    ids = torch.ones(1, 1, dtype=torch.long, device=model.device)
+    with torch.no_grad(), _eval_mode(model):
+        model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
+    written = {layer.keys.shape[1] for layer in cache.layers}
+    if len(written) != 1:
+        raise ModelNotSupported(f"{name}'s layers hold different numbers of K/V heads on a rank: {sorted(written)}")
+    local = written.pop()
+    return heads * local // kv_heads, local
 
 
 # -- the probe -----------------------------------------------------------------------------

@@ -55,6 +55,12 @@ class EngineClient:
     def num_requests(self) -> tuple[int, int]:
         return self._stats[0], self._stats[1]
 
+    def outstanding_tokens(self) -> int:
+        """Tokens of the unfinished requests sent to this engine: prompts and what remains of
+        their ``max_new_tokens`` (what the router balances)."""
+        streams = list(self._streams.values())  # the receiver thread may be removing some
+        return sum(len(s.prompt_ids) + s.params.max_new_tokens - s.num_generated for s in streams)
+
     def kv_cache_usage(self) -> float:
         return self._stats[2]
 
@@ -112,11 +118,14 @@ class EngineClient:
         wake_all(touched)
 
 
-def serve(conn, settings: FrontendSettings, tokenizer: Any) -> None:
-    """uvicorn over an `EngineClient` until SIGTERM/SIGINT or the engine's process goes away."""
+def serve(conn, settings: FrontendSettings, tokenizer: Any, listener: Listener | None = None) -> None:
+    """uvicorn over an `EngineClient` until SIGTERM/SIGINT or the engine's process goes away;
+    with a ``listener``, engines that `join` later share the requests (a `Router`), and the
+    server stops when any of them goes away."""
     import uvicorn
 
     from .app import create_app
+    from .router import Router
 
     server: uvicorn.Server | None = None
 
@@ -125,7 +134,11 @@ def serve(conn, settings: FrontendSettings, tokenizer: Any) -> None:
             server.should_exit = True
 
     client = EngineClient(conn, settings.limits, tokenizer, on_engine_gone=engine_gone)
-    app = create_app(client, tokenizer, model_name=settings.model_name, api_key=settings.api_key,
+    router = Router(client)
+    if listener is not None:
+        threading.Thread(target=_accept_engines, args=(listener, router, settings, tokenizer, engine_gone),
+                         name="hf_cb-join", daemon=True).start()
+    app = create_app(router, tokenizer, model_name=settings.model_name, api_key=settings.api_key,
                      defaults=settings.defaults, eos_token_ids=settings.eos_token_ids)
     # No access log: a line per request costs the event loop time that streaming needs.
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -148,13 +161,26 @@ def serve(conn, settings: FrontendSettings, tokenizer: Any) -> None:
             client.send(("failed", f"could not bind {settings.host}:{settings.port} (see the log above)"))
 
 
+def _accept_engines(listener: Listener, router, settings: FrontendSettings, tokenizer: Any, engine_gone) -> None:
+    """Engines that `join` (data-parallel replicas), for as long as the front end runs."""
+    while True:
+        try:
+            conn = listener.accept()
+        except OSError:  # closed: the front end is ending
+            return
+        if conn.recv() == ("join",):
+            router.add(EngineClient(conn, settings.limits, tokenizer, on_engine_gone=engine_gone))
+
+
 def main() -> None:
     listener = Listener(os.environ[ADDRESS_ENV], family="AF_UNIX", authkey=bytes.fromhex(os.environ[KEY_ENV]))
     conn = listener.accept()
-    listener.close()
     settings, tokenizer = conn.recv()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    serve(conn, settings, tokenizer)
+    try:
+        serve(conn, settings, tokenizer, listener)
+    finally:
+        listener.close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ authenticated local socket (`multiprocessing.connection`):
   the step loop has stopped, ``stats`` ``(running, waiting, kv usage)`` for ``/metrics``;
 - front end -> engine: ``("add", key, prompt_ids, params, seed)``, ``("abort", key)``,
   ``("ready", port)`` or ``("failed", message)``.
+
+Further engines (the replicas of ``hf-cb serve --data-parallel-size``) may `join` a started
+front end at its `HTTPServer.engine_address`: each connects and sends ``("join",)``, then speaks
+the same protocol; the front end routes each request to one of them (`server.router`).
 """
 
 from __future__ import annotations
@@ -136,6 +140,16 @@ class _EngineBridge:
         self.conn.close()
 
 
+def join(online: OnlineEngine, address: str, key: bytes) -> _EngineBridge:
+    """Serve ``online``'s engine, too, through the started front end at ``address`` (another
+    replica's `HTTPServer.engine_address`); ``bridge.close()`` leaves."""
+    conn = Client(address, family="AF_UNIX", authkey=key)
+    conn.send(("join",))
+    bridge = _EngineBridge(online, conn)
+    bridge.flush()  # the engine's state before its first step
+    return bridge
+
+
 class HTTPServer:
     """The OpenAI-compatible API for ``online``, served by a child process on ``host:port``
     (port 0: any free port; see `url`). ``defaults`` / ``eos_token_ids``: from the model's
@@ -152,6 +166,7 @@ class HTTPServer:
         self.process: subprocess.Popen | None = None
         self.bridge: _EngineBridge | None = None
         self.port: int | None = None
+        self.engine_address: tuple[str, bytes] | None = None  # (socket, key) where more engines `join`
         self._dir: str | None = None
 
     def start(self, timeout: float = 300.0) -> "HTTPServer":
@@ -159,6 +174,7 @@ class HTTPServer:
         self._dir = tempfile.mkdtemp(prefix="hf_cb-")  # 0700: only this user reaches the socket
         address, key = os.path.join(self._dir, "engine.sock"), secrets.token_bytes(32)
         env = {**os.environ, ADDRESS_ENV: address, KEY_ENV: key.hex()}
+        self.engine_address = address, key
         self.process = subprocess.Popen([sys.executable, "-m", "hf_cb.server.frontend"], env=env)
         try:
             conn = self._connect(address, key, time.monotonic() + timeout)
