@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import MODELS, build_model, make_workload  # noqa: E402
 
-import hf_cb  # noqa: E402
 from hf_cb.cli import add_engine_args, engine_config_from  # noqa: E402
 
 TINY = ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -24,7 +24,7 @@ from throughput import ALIASES, WORKLOADS, Workload, build_model, make_workload,
     measure_matrix_rate, roofline_tokens_per_s, run_hf_cb
 
 import hf_cb
-from hf_cb.engine import StepStats
+from hf_cb.stats import StepStats
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:

@@ -8,9 +8,9 @@ from .attention_interface import ATTENTION_NAME, register
 from .config import EngineConfig
 from .data_parallel import generate_data_parallel
 from .engine import LLMEngine
-from .model_support import ModelNotSupported
 from .generation_mixin import disable, enable, generate, generate_batch_continuous, install
 from .model_engine import get_engine, release, reset_prefix_cache, sleep, wake_up
+from .model_support import ModelNotSupported
 from .paged_cache import PagedCache
 from .sampling import SamplingParams
 from .sequence import Completion

@@ -8,10 +8,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from contextlib import contextmanager
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import asdict, dataclass
 from itertools import count
 
 import torch
@@ -22,60 +20,21 @@ from .backends import make_backend
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .flashinfer_backend import FlashInferBackend
+from .kv_memory import profile_num_pages
 from .limits import RequestLimits
 from .manager import PageManager
-from .model_support import add_step_hooks, attention_shape, layer_windows, probe_attention
 from .model_runner import ModelRunner, StepHandle
+from .model_support import add_step_hooks, attention_shape, layer_windows, probe_attention
 from .paged_cache import PagedCache
+from .performance import compile_forward, frozen_heap
 from .sampling import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
+from .stats import StepStats
 from .tensor_parallel import TensorParallel, tensor_parallel_group
 from .weights import weights_state
 
 logger = logging.getLogger("hf_cb")
-
-
-@dataclass
-class StepStats:
-    """Where the host's time goes: ``host_s`` scheduling, preparing and launching steps and
-    reading their results; ``wait_s`` blocked on the device for sampled tokens."""
-
-    steps: int = 0
-    decode_steps: int = 0
-    tokens: int = 0  # fed to the model (prompt tokens found in the prefix cache are not)
-    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hits: int = 0  # of them, found there
-    host_s: float = 0.0
-    wait_s: float = 0.0
-
-    def summary(self) -> dict:
-        per_step = max(self.steps, 1) * 1e-3
-        return {**asdict(self), "host_ms_per_step": self.host_s / per_step, "wait_ms_per_step": self.wait_s / per_step}
-
-
-def compile_forward(model: torch.nn.Module, num_layers: int):
-    """``torch.compile`` of the model's own forward, shapes dynamic (the step size varies)."""
-    import torch._dynamo
-
-    # Each layer's attention module is a separate specialisation (its layer_idx is static).
-    limit = max(torch._dynamo.config.recompile_limit, 4 * num_layers)
-    torch._dynamo.config.recompile_limit = limit
-    return torch.compile(model, dynamic=True)
-
-
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Leave every object alive when a run starts out of the cyclic garbage collector's walks
-    until it ends. Compilation and graph capture leave millions of long-lived objects, and a
-    full collection over them in the middle of a run stalls the host (vLLM freezes its heap
-    for the same reason). Unfrozen after the run: garbage among them (a training step's, say)
-    is still collected."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 class LLMEngine:
@@ -123,7 +82,7 @@ class LLMEngine:
         if config.num_pages is not None:
             num_pages = config.num_pages
         elif self.device.type == "cuda":
-            num_pages = self._profile_num_pages()
+            num_pages = profile_num_pages(self)
         else:
             num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
         if self.tp is not None:  # tensor parallel: one config and one pool size on every rank
@@ -171,41 +130,6 @@ class LLMEngine:
         graphs.capture()
         self.runner.graphs = graphs
         logger.info("hf_cb: captured %d decode graphs in %.1f s", len(graphs.sizes), time.perf_counter() - start)
-
-    def _profile_num_pages(self) -> int:
-        """Run one worst-case step (``max_num_batched_tokens`` tokens, logits and sampling for
-        ``max_num_seqs`` rows) on a throwaway pool, then give ``memory_utilization`` of the
-        memory that remains beside its peak to pages."""
-        config = self.config
-        rows = min(config.max_num_seqs, config.max_num_batched_tokens)
-        per_row = min(config.max_num_batched_tokens // rows, self.max_model_len)
-        self._build(rows * -(-per_row // config.page_size))
-        params = SamplingParams(
-            1, do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
-            eos_token_ids=(0,), min_new_tokens=1,
-        )
-        seqs = [Sequence(-1 - i, [1] * per_row, params, seed=i) for i in range(rows)]
-        for s in seqs:
-            self.manager.allocate(s.seq_id, per_row)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        self.runner.run(ScheduledBatch(seqs, [per_row] * rows))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del self.cache, self.manager, self.scheduler, self.runner
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.device)
-        budget = config.memory_utilization * (free - peak)
-        num_pages = int(budget // self.page_bytes)
-        if num_pages * config.page_size < self.max_model_len:
-            raise RuntimeError(
-                f"hf_cb: only {num_pages} KV pages fit in GPU memory (a worst-case step takes "
-                f"{peak / 2**30:.2f} GiB); lower max_num_batched_tokens or max_num_seqs"
-            )
-        logger.info("hf_cb: a worst-case step peaks at %.2f GiB; %.2f GiB free", peak / 2**30, free / 2**30)
-        return num_pages
 
     # -- requests ----------------------------------------------------------------------------
 

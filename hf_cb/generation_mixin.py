@@ -13,7 +13,12 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .config import EngineConfig
 from .engine import LLMEngine
 from .generation_args import (
-    STOCK_ONLY_KWARGS, is_integer_tensor, params_from_config, per_input, prompts_from_inputs, unpad,
+    STOCK_ONLY_KWARGS,
+    is_integer_tensor,
+    params_from_config,
+    per_input,
+    prompts_from_inputs,
+    unpad,
     unsupported_reason,
 )
 from .model_engine import get_engine

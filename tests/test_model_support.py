@@ -8,7 +8,7 @@ from transformers import BioGptConfig, LlamaConfig, LlamaForCausalLM, StableLmCo
 
 import hf_cb
 from conftest import _COMMON, VOCAB, model_from_config, random_prompts, reference_generate, tiny_model
-from hf_cb.model_support import add_step_hooks, probe_attention
+from hf_cb.model_support import probe_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 # BioGPT has no GQA: every head keeps its K/V.

@@ -235,7 +235,7 @@ def test_streamed_deltas_concatenate_to_the_response(client, offline, chat):
     else:
         create, kwargs["prompt"] = client.completions.create, PROMPTS[1]
     whole = create(**kwargs)
-    texts, reasons, usage = ["", "", ""], [None] * 3, None
+    texts, reasons = ["", "", ""], [None] * 3
     chunks = list(create(**kwargs, stream=True, stream_options={"include_usage": True}))
     for chunk in chunks[:-1]:
         assert chunk.usage is None

@@ -19,11 +19,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from ..online import EngineDeadError, RequestFailed, RequestStream
+from ..streams import EngineDeadError, RequestFailed, RequestStream
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import (
-    APIError, SamplingDefaults, Serving, chat_logprobs, collect, completion_logprobs, engine_error, new_id,
-    stream_events, usage,
+    APIError,
+    SamplingDefaults,
+    Serving,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    engine_error,
+    new_id,
+    stream_events,
+    usage,
 )
 
 

@@ -16,8 +16,9 @@ from itertools import count
 from multiprocessing.connection import Listener
 from typing import Any
 
-from ..online import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
+from ..limits import RequestLimits
 from ..sampling import SamplingParams
+from ..streams import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
 from .http_server import ADDRESS_ENV, KEY_ENV, FrontendSettings
 
 _ERRORS = {"dead": EngineDeadError, "bad": ValueError, "failed": RequestFailed}

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Client
 from typing import Any
 
-from ..online import EngineDeadError, EngineStream, OnlineEngine
-from ..sampling import SamplingParams
 from ..limits import RequestLimits
+from ..online import OnlineEngine
+from ..sampling import SamplingParams
+from ..streams import EngineDeadError, EngineStream
 from .serving import SamplingDefaults, generation_defaults
 
 logger = logging.getLogger("hf_cb")

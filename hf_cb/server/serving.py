@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..online import AsyncNotifier, EngineDeadError, RequestFailed, RequestOutput, RequestStream, iterate_async
 from ..sampling import SamplingParams, sample_seed
 from ..sequence import TokenLogprob
+from ..streams import AsyncNotifier, EngineDeadError, RequestFailed, RequestOutput, RequestStream, iterate_async
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
