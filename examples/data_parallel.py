@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 import hf_cb
-from quickstart import save_tiny_model, word_prompts
+from tiny_model import save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three laws of"]
 

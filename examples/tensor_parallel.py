@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 import hf_cb  # noqa: F401 - adds model.generate_batch_continuous
-from quickstart import save_tiny_model, word_prompts
+from tiny_model import save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 
