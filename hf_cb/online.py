@@ -125,9 +125,13 @@ class OnlineEngine:
         scheduler = self.engine.scheduler
         return len(scheduler.running), len(scheduler.waiting) + len(self._inbox)
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, of them found there), since start."""
+        return self.engine.prefix_cache_stats()
+
     def kv_cache_usage(self) -> float:
         manager = self.engine.manager
-        return 1.0 - manager.num_free_pages / manager.num_pages
+        return 0.0 if manager is None else 1.0 - manager.num_free_pages / manager.num_pages  # None: asleep
 
     def _post(self, item: tuple) -> None:
         with self._inbox_lock:  # closed by the step thread as it exits: nothing posted is lost

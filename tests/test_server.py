@@ -553,6 +553,18 @@ def test_metrics_count_requests(served, http, offline):
     assert grew("hf_cb_inter_token_latency_seconds_count") == 2 * (len(ref.token_ids) - 1)
 
 
+def test_metrics_count_prefix_cache_hits(served, http):
+    prompt = random_prompts(1, 40, 40, seed=77)[0]  # no other test sends it
+    before = read_metrics(http)
+    for _ in range(2):
+        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    after = read_metrics(http)
+    assert after["hf_cb_prefix_cache_queries_total"] - before["hf_cb_prefix_cache_queries_total"] == 80
+    # the second request found the first one's two full pages (page size 16; its last token computed)
+    assert after["hf_cb_prefix_cache_hits_total"] - before["hf_cb_prefix_cache_hits_total"] == 32
+
+
 # -- clients that go away ----------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ class EngineClient:
         self.conn, self.limits, self.tokenizer = conn, limits, tokenizer
         self.on_engine_gone = on_engine_gone
         self.error: BaseException | None = None
-        self._stats: tuple[int, int, float] = (0, 0, 0.0)
+        self._stats: tuple = (0, 0, 0.0, 0, 0)  # see http_server's protocol
         self._streams: dict[int, RequestStream] = {}
         self._keys = count()
         self._lock = threading.Lock()
@@ -64,6 +64,9 @@ class EngineClient:
 
     def kv_cache_usage(self) -> float:
         return self._stats[2]
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        return self._stats[3], self._stats[4]
 
     def submit(self, prompt_ids, params: SamplingParams, seed: int | None = None, *, notifier=None, stop=(),
                include_stop: bool = False, skip_special_tokens: bool = True) -> RequestStream:

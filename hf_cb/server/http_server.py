@@ -11,7 +11,7 @@ authenticated local socket (`multiprocessing.connection`):
 - engine -> front end: first ``(FrontendSettings, tokenizer)``; then, after each step and before
   the step loop idles, ``(records, failures, dead, stats)``: each record ``(key, new token ids,
   new logprobs, finish reason)``, each failure ``(key, kind, message)``, ``dead`` a message once
-  the step loop has stopped, ``stats`` ``(running, waiting, kv usage)`` for ``/metrics``;
+  the step loop has stopped, ``stats`` ``(running, waiting, kv usage, prefix-cache queries, hits)`` for ``/metrics``;
 - front end -> engine: ``("add", key, prompt_ids, params, seed)``, ``("abort", key)``,
   ``("ready", port)`` or ``("failed", message)``.
 
@@ -106,7 +106,7 @@ class _EngineBridge:
             dead = None
             if not self.online.is_alive and not self._dead_sent:
                 dead, self._dead_sent = f"the hf_cb step loop has stopped: {self.online.error!r}", True
-            stats = (*self.online.num_requests(), self.online.kv_cache_usage())
+            stats = (*self.online.num_requests(), self.online.kv_cache_usage(), *self.online.prefix_cache_stats())
             try:
                 self.conn.send((records, failures, dead, stats))
             except (OSError, ValueError):  # the front end has gone; `_receive` aborts its requests

@@ -63,3 +63,7 @@ class Router:
 
     def kv_cache_usage(self) -> float:
         return sum(e.kv_cache_usage() for e in self.engines) / len(self.engines)
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        stats = [e.prefix_cache_stats() for e in self.engines]
+        return sum(q for q, _ in stats), sum(h for _, h in stats)
