@@ -12,7 +12,6 @@ JSON lines. Without MODEL, a tiny random Llama stands in (each rank saves the sa
 """
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -22,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 import hf_cb
-from tiny_model import save_tiny_model, word_prompts
+from common import print_completions, save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three laws of"]
 
@@ -53,9 +52,7 @@ def main() -> None:
     prompts = TEXT_PROMPTS if args.model else word_prompts(12)
     outs = hf_cb.generate_data_parallel(model, prompts, tokenizer=tok, max_new_tokens=16, do_sample=False)
     if dist.get_rank() == 0:
-        for prompt, c in zip(prompts, outs):
-            print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason}), flush=True)
+        print_completions(prompts, outs)
     dist.destroy_process_group()
 
 

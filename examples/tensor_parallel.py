@@ -9,7 +9,6 @@ seeds and sampled tokens, so every rank returns the same completions. Rank 0 pri
 lines. Without MODEL, a tiny random Llama stands in (each rank saves the same one).
 """
 
-import json
 import sys
 import tempfile
 
@@ -19,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 import hf_cb  # noqa: F401 - adds model.generate_batch_continuous
-from tiny_model import save_tiny_model, word_prompts
+from common import print_completions, save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 
@@ -34,9 +33,7 @@ def main() -> None:
     prompts = TEXT_PROMPTS if len(sys.argv) > 1 else word_prompts(8)
     outs = model.generate_batch_continuous(prompts, tokenizer=tok, max_new_tokens=16, do_sample=False)
     if dist.get_rank() == 0:
-        for prompt, c in zip(prompts, outs):
-            print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason}), flush=True)
+        print_completions(prompts, outs)
     dist.destroy_process_group()
 
 

@@ -107,6 +107,17 @@ def word_tokenizer(vocab_size: int = VOCAB):
     )
 
 
+# Each message's words, then "w3" as the assistant's cue.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+
+
+def chat_word_tokenizer(vocab_size: int = VOCAB):
+    """`word_tokenizer` with a chat template, for the chat routes."""
+    tokenizer = word_tokenizer(vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def words(ids: list[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
 

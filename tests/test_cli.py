@@ -4,13 +4,7 @@ offline `generate_batch_continuous`), and ``serve`` of the embedded default mode
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,31 +12,21 @@ import pytest
 
 pytest.importorskip("fastapi")  # the serve extra; the GPU machine may not have it
 
-from conftest import DEVICE, QUESTION, random_prompts, tiny_model, word_tokenizer, words
+from serve_process import hf_cb, serving
+
+from conftest import chat_word_tokenizer, DEVICE, QUESTION, random_prompts, tiny_model, words
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 51
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
 PROMPTS = random_prompts(4, 3, 8, seed=52)
 MESSAGES = [{"role": "user", "content": words(PROMPTS[1])}]
 CHAT_IDS = PROMPTS[1] + [3]
 MODEL_ARGS = ["--dtype", "float32", "--device", DEVICE]
 
 
-def hf_cb(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
-    """``python -m hf_cb ARGS`` (run to its end unless ``popen=True``)."""
-    cmd = [sys.executable, "-m", "hf_cb", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    if kwargs.pop("popen", False):
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    tokenizer = word_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return chat_word_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -123,49 +107,6 @@ def test_generate_names_the_bad_line(model_dir, tmp_path, bad, message):
 
 
 # -- hf-cb serve -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextlib.contextmanager
-def serving(*args: str, log: Path, env: dict | None = None, timeout: float = 120):
-    """``hf-cb serve ARGS --port P`` until it answers /health; yields its URL; then SIGTERM,
-    and the port must close (its HTTP front end, a child process, ends too)."""
-    port = free_port()
-    with open(log, "w") as out:
-        proc = hf_cb("serve", *args, "--port", str(port), env=env, popen=True, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"hf-cb serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"hf-cb serve did not answer in time:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"hf-cb serve did not end on SIGTERM:\n{log.read_text()[-3000:]}")
-    deadline = time.monotonic() + 15
-    while port_open(port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not port_open(port), "the HTTP front end outlived hf-cb serve"
 
 
 def test_serve_answers_then_ends(model, tok, model_dir, tmp_path):

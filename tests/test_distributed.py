@@ -103,7 +103,7 @@ def test_data_parallel_equals_one_process(model, model_dir, greedy, case, nproc)
 def test_examples_print_the_completions(script, nproc, args):
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        from tiny_model import tiny_model_and_tokenizer
+        from common import tiny_model_and_tokenizer
     finally:
         sys.path.remove(str(ROOT / "examples"))
     lines = torchrun(ROOT / "examples" / script, *args, nproc=nproc)

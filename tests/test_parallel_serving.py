@@ -4,11 +4,7 @@ router of data-parallel serving: in one process, two engines behind one front en
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +15,7 @@ pytest.importorskip("fastapi")  # the serve extra
 import httpx  # noqa: E402
 
 from conftest import random_prompts, tiny_model, word_tokenizer  # noqa: E402
+from serve_process import serving  # noqa: E402
 from hf_cb.online import OnlineEngine  # noqa: E402
 from hf_cb.server import HTTPServer  # noqa: E402
 from hf_cb.server.http_server import join  # noqa: E402
@@ -47,12 +44,6 @@ def model_dir(model, tok, tmp_path_factory):
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def complete_all(url: str, prompts: list[list[int]], max_tokens: int) -> list[str]:
     """Every prompt's greedy completion, the requests all at once."""
     def one(prompt):
@@ -65,41 +56,13 @@ def complete_all(url: str, prompts: list[list[int]], max_tokens: int) -> list[st
         return list(pool.map(one, prompts))
 
 
-@contextlib.contextmanager
-def serving(model_dir: Path, *args: str, log: Path, timeout: float = 120):
-    port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "hf_cb", "serve", str(model_dir), "--dtype", "float32", "--port", str(port), *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"hf-cb serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"hf-cb serve did not answer in time:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            status = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"hf-cb serve did not end on SIGTERM:\n{log.read_text()[-3000:]}")
-    assert status == 0, log.read_text()[-3000:]
-
-
 @pytest.mark.parametrize("args", [("--tensor-parallel-size", "2"), ("--data-parallel-size", "2")],
                          ids=["tp2", "dp2"])
 def test_parallel_serve_answers_as_offline(model, tok, model_dir, tmp_path, args):
     expected = [c.text for c in model.generate_batch_continuous(PROMPTS, tokenizer=tok, max_new_tokens=10,
                                                                 do_sample=False)]
-    with serving(model_dir, *args, log=tmp_path / "serve.log") as url:
+    with serving(str(model_dir), "--dtype", "float32", *args, log=tmp_path / "serve.log",
+                 env={"CUDA_VISIBLE_DEVICES": ""}) as url:
         assert complete_all(url, PROMPTS, 10) == expected
     survivors = subprocess.run(["pgrep", "-f", f"hf_cb serve {model_dir}"], capture_output=True, text=True).stdout
     assert not survivors.strip(), "a rank outlived hf-cb serve"

@@ -18,7 +18,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import hf_cb
-from conftest import VOCAB, keep_engine, random_prompts, tiny_model, word_tokenizer, words
+from conftest import chat_word_tokenizer, VOCAB, keep_engine, random_prompts, tiny_model, words
 from hf_cb.online import OnlineEngine
 
 # The test extra installs both; a machine without them (the GPU one) skips the module.
@@ -28,7 +28,6 @@ HTTPServer = pytest.importorskip("hf_cb.server").HTTPServer
 NAME = "tiny-llama"
 SEED = 31
 # Each message's words, then "w3" as the assistant's cue: the prompt's ids are known exactly.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
 PROMPTS = random_prompts(4, 3, 8, seed=41)
 MESSAGES = [{"role": "system", "content": words(PROMPTS[2])}, {"role": "user", "content": words(PROMPTS[3])}]
 CHAT_IDS = PROMPTS[2] + PROMPTS[3] + [3]
@@ -90,9 +89,7 @@ class Offline:
 
 @pytest.fixture(scope="module")
 def tok():
-    tokenizer = word_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return chat_word_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
-"""A tiny random Llama and a word-level tokenizer (``w3 .. w511``), for examples that must run in
-seconds anywhere: the parallel examples and their tests. `quickstart.py` uses a real model."""
+"""What the parallel examples share: a tiny random Llama and a word-level tokenizer (``w3 ..
+w511``), so that they run in seconds anywhere (`quickstart.py` uses a real model), and printing
+completions as JSON lines."""
+
+import json
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -38,3 +41,10 @@ def save_tiny_model(folder: str) -> str:
 def word_prompts(n: int) -> list[str]:
     """``n`` prompts the tiny tokenizer knows, of 5 to 5 + 3 (n - 1) words."""
     return [" ".join(f"w{(7 * i + j) % 500 + 3}" for j in range(5 + 3 * i)) for i in range(n)]
+
+
+def print_completions(prompts: list, completions: list) -> None:
+    """One JSON line per completion: the prompt, the text, the token ids, the finish reason."""
+    for prompt, c in zip(prompts, completions):
+        print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
+                          "finish_reason": c.finish_reason}), flush=True)
