@@ -112,6 +112,10 @@ class LLMEngine:
             max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs, tp=self.tp,
         )
 
+    def drop_pool(self) -> None:
+        """Drop what `_build` built (the engine is then `asleep` until the next `_build`)."""
+        self.cache = self.manager = self.scheduler = self.runner = None
+
     def _capture_graphs(self) -> None:
         """Capture the decode graphs, if the config asks for them and the backend has them."""
         if not (self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend)):
@@ -303,7 +307,7 @@ class LLMEngine:
             return
         if self.owner is not None or self.has_unfinished():
             raise RuntimeError("hf_cb: an engine with requests running (or an OnlineEngine stepping it) cannot sleep")
-        self.cache = self.manager = self.scheduler = self.runner = None
+        self.drop_pool()
         gc.collect()  # the engine's parts refer to each other: free the pages now
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

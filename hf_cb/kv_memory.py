@@ -39,7 +39,7 @@ def profile_num_pages(engine: "LLMEngine") -> int:
     engine.runner.run(ScheduledBatch(seqs, [per_row] * rows))
     torch.cuda.synchronize(engine.device)
     peak = torch.cuda.max_memory_allocated(engine.device) - before
-    engine.cache = engine.manager = engine.scheduler = engine.runner = None
+    engine.drop_pool()
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(engine.device)
     budget = config.memory_utilization * (free - peak)

@@ -99,9 +99,7 @@ def _save_converted(loaded: LoadedModel, out: Path) -> None:
     # (lm_head.weight when the embeddings are tied) are dropped: from_pretrained re-ties them.
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    from safetensors.torch import (
-        save_file,  # transformers depends on it; import only when used
-    )
+    from safetensors.torch import save_file  # transformers depends on it; import only when used
 
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)

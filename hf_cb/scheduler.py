@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 from .config import EngineConfig
 from .manager import PageManager
 from .prefix_cache import page_hashes
 from .sequence import Sequence, SequenceStatus, TokenLogprob
+from .stats import StepStats
 
 
 @dataclass
@@ -59,8 +59,8 @@ def decode_rows_first(batch: ScheduledBatch) -> ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, manager: PageManager, stats: Any = None):
-        """``stats``: counts ``prefix_queries`` and ``prefix_hits`` (the engine's `StepStats`)."""
+    def __init__(self, config: EngineConfig, manager: PageManager, stats: StepStats | None = None):
+        """``stats``: where ``prefix_queries`` and ``prefix_hits`` are counted (the engine's)."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.manager = manager
@@ -111,7 +111,7 @@ class Scheduler:
             if not self.manager.can_allocate(seq.seq_id, num_cached + n, prefix):
                 break
             self.manager.allocate(seq.seq_id, num_cached + n, prefix)
-            self._count_hits(seq, num_cached, len(prefix))
+            self._start_at(seq, num_cached, len(prefix))
             if promised is not None:
                 promised.update(seq.block_hashes[len(prefix) :])
             del self.waiting[i]
@@ -135,7 +135,9 @@ class Scheduler:
         return {h for s in self.running if s.num_cached_tokens < len(s.prompt_ids)
                 for h in s.block_hashes[s.num_registered_pages :]}
 
-    def _count_hits(self, seq: Sequence, num_cached: int, num_pages: int) -> None:
+    def _start_at(self, seq: Sequence, num_cached: int, num_pages: int) -> None:
+        """An admitted sequence starts with its first ``num_cached`` tokens (``num_pages``
+        pages, found in the prefix cache) computed; count the hits."""
         seq.num_cached_tokens = num_cached
         seq.num_registered_pages = num_pages  # the cached pages are registered already
         if seq.num_prefix_hit_tokens is None:

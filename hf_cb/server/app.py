@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from ..streams import EngineDeadError, RequestFailed, RequestStream
+from ..streams import EngineDeadError, RequestStream
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import (
+    ENGINE_ERRORS,
     APIError,
     SamplingDefaults,
     Serving,
@@ -157,7 +158,7 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | N
                                              include_usage=include_usage, num_prompt_tokens=num_prompt_tokens), streams)
         try:
             choices = await _until_disconnect(request, collect(serving, streams), streams)
-        except (RequestFailed, EngineDeadError, ValueError) as error:
+        except ENGINE_ERRORS as error:
             raise engine_error(error) from error
         if isinstance(choices, Response):
             return choices

@@ -33,6 +33,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# What reading a request's stream raises when the engine refused, failed or lost it (`engine_error`).
+ENGINE_ERRORS = (RequestFailed, EngineDeadError, ValueError)
+
+
 def engine_error(error: BaseException) -> APIError:
     """The API error for a request the engine refused when it took it (400: it changed since the
     front end checked), failed (500) or could not take (503)."""
@@ -286,6 +290,6 @@ async def stream_events(serving: Serving, streams: list[RequestStream], *, chat:
             yield sse({**head, "choices": [choice], **extra})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, completion_tokens)})
-    except (RequestFailed, EngineDeadError, ValueError) as error:
+    except ENGINE_ERRORS as error:
         yield sse(engine_error(error).body())
     yield sse("[DONE]")
