@@ -134,7 +134,7 @@ def measure_hf_cb(name: str, model, wl: Workload, warm: Workload, engine_config:
     build_s = time.perf_counter() - start
     result = measure(name, lambda w: run_hf_cb(model, w, engine_config, progress), wl, warm)
     result.extra = {
-        "engine_build_s": build_s, "first_call_s": result.extra["warmup_s"],
+        "engine_build_s": build_s, "first_call_s": result.extra["warmup_s"], "startup_s": engine.startup_s,
         "backend": type(engine.backend).__name__, "num_pages": engine.manager.num_pages,
         "preemptions": engine.scheduler.num_preemptions, "host": engine.stats.summary(),
     }
@@ -249,7 +249,8 @@ def print_table(report: dict) -> None:
         if "engine_build_s" in r["extra"]:
             host = r["extra"]["host"]
             hits = host["prefix_hits"] / max(host["prefix_queries"], 1)
-            print(f"{r['system']}: engine built in {r['extra']['engine_build_s']:.1f} s, first call (warm-up) "
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["extra"].get("startup_s", {}).items())
+            print(f"{r['system']}: engine built in {r['extra']['engine_build_s']:.1f} s ({parts}), first call (warm-up) "
                   f"{r['extra']['first_call_s']:.1f} s, prefix cache hits {hits:.1%} of prompt tokens, "
                   f"{host['steps']} steps")
 

@@ -1,11 +1,11 @@
 """The attention function registered as ``"hf_cb"`` with Transformers' `AttentionInterface`.
 
-Inside an engine step the model's forward receives an `AttentionStep` through the keyword
-argument ``hf_cb_step`` (Transformers hands extra keywords of ``model(...)`` to every attention
-call); `PagedCache.update` has already written the step's K/V and returned the layer's pages,
-and the step attends each sequence's own pages. Outside a step the function is plain SDPA
-(eager where the layer needs a logit soft-cap), so the model stays usable for training and
-evaluation.
+Inside an engine step the model's forward receives ``hf_cb_step=True`` (Transformers hands
+extra keywords of ``model(...)`` to every attention call); `PagedCache.update` has returned the
+layer's new K/V as they came, and `paged_attention` writes them into the layer's pages and
+attends each sequence's own pages through the current step's backend. Outside a step the
+function is plain SDPA (eager where the layer needs a logit soft-cap), so the model stays usable
+for training and evaluation.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .paged_attention import paged_attention
 
 ATTENTION_NAME = "hf_cb"
 STEP_KWARG = "hf_cb_step"
@@ -53,21 +55,24 @@ def hf_cb_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    step: AttentionStep | None = kwargs.pop(STEP_KWARG, None)
-    if step is None:
+    if not kwargs.pop(STEP_KWARG, False):
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("hf_cb does not support attention sinks (s_aux)")
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise NotImplementedError(f"hf_cb needs attention modules with an int layer_idx; {type(module).__name__} has none")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # query arrives as [1, H, T, D]; the packed step works on [T, H, D].
-    out = step.attend(
+    # Tensors arrive as [1, heads, T, D]; the packed step works on [T, heads, D].
+    out = paged_attention(
         query[0].transpose(0, 1),
-        key,
-        value,
-        scaling=scaling,
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        layer_idx,
+        float(scaling),
+        kwargs.get("sliding_window"),
+        kwargs.get("softcap"),
     )
     return out.unsqueeze(0), None
 

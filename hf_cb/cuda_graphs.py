@@ -20,8 +20,10 @@ from .step_forward import forward_step
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, 16, then every 16 up to ``max_batch`` (which is always included)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    """2, 4, 8, 16, then every 16 up to ``max_batch`` (which is always included). No graph of
+    one row: a compiled forward specialises size 1 (a whole second compilation), and one row
+    padded to two costs next to nothing in a step bound by reading the weights."""
+    sizes = [b for b in (2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sizes + [max_batch]
 
 
@@ -35,17 +37,20 @@ class DecodeGraphs:
         B = self.sizes[-1]
         i32, i64 = torch.int32, torch.int64
         # Fixed buffers the graphs read; each step's values are copied in before replay.
-        self.input_ids = torch.zeros(1, B, dtype=i64, device=dev)
-        self.position_ids = torch.zeros(1, B, dtype=i64, device=dev)
+        # 1-D, viewed as [1, b] per step as the eager path views its staging buffers: the same
+        # strides and bases, so a compiled forward serves both without a recompilation.
+        self.input_ids = torch.zeros(B, dtype=i64, device=dev)
+        self.position_ids = torch.zeros(B, dtype=i64, device=dev)
         self.positions = torch.zeros(B, dtype=i32, device=dev)
         self.token_rows = torch.arange(B, dtype=i32, device=dev)
+        self.logits_rows = torch.arange(B, dtype=i64, device=dev)  # the eager path's index type
         self.kv_indptr = torch.zeros(B + 1, dtype=i32, device=dev)
         self.kv_indices = torch.zeros(max_num_page_ids + B, dtype=i32, device=dev)
         self.kv_last_page_len = torch.zeros(B, dtype=i32, device=dev)
         self.staging = Staging(dev, {
             "input_ids": (B, i64), "positions": (B, i64),
             "kv_indptr": (B + 1, i32), "kv_indices": (max_num_page_ids + B, i32), "kv_last_page_len": (B, i32),
-        }, into={"input_ids": self.input_ids[0], "positions": self.position_ids[0]})
+        }, into={"input_ids": self.input_ids, "positions": self.position_ids})
         self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -86,8 +91,8 @@ class DecodeGraphs:
 
     def _forward(self, step: "GraphDecodeStep") -> torch.Tensor:
         b = step.batch_size
-        return forward_step(self.forward, self.model, self.cache, step, self.input_ids[:, :b],
-                            self.position_ids[:, :b], self._mask, 0)
+        return forward_step(self.forward, self.model, self.cache, step, self.input_ids[:b][None],
+                            self.position_ids[:b][None], self._mask, self.logits_rows[:b])
 
     def _stage(self, step, input_ids, positions, kv_indptr, kv_indices, kv_last_page_len) -> None:
         """Copy a step's rows into the fixed buffers and plan the bucket's wrappers."""
@@ -131,7 +136,6 @@ class GraphDecodeStep:
     def plan(self, kind: Kind) -> None:
         self.graphs.backend.plan_decode(self.wrappers[kind], kind, self.host_indptr, self.dev_indices, self.host_last)
 
-    @torch.compiler.disable
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         import flashinfer
 
@@ -141,7 +145,6 @@ class GraphDecodeStep:
             g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n],
         )
 
-    @torch.compiler.disable
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         kind = (sliding_window, softcap, scaling)
         wrapper = self.wrappers.get(kind)

@@ -70,7 +70,7 @@ class LLMEngine:
             self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
-        self.forward = compile_forward(model, self.shape.num_layers) if config.compile else model
+        self.forward = compile_forward(model) if config.compile else model
 
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
@@ -78,11 +78,14 @@ class LLMEngine:
         self.owner = None  # the OnlineEngine whose thread steps this engine, if any
         self.num_generated_tokens = 0
         self.stats = StepStats()
+        self.startup_s: dict[str, float] = {}  # seconds of the build's slow parts, by name
 
         if config.num_pages is not None:
             num_pages = config.num_pages
         elif self.device.type == "cuda":
-            num_pages = profile_num_pages(self)
+            start = time.perf_counter()
+            num_pages = profile_num_pages(self)  # the first forward: with compile, the compilation
+            self.startup_s["first_forward"] = time.perf_counter() - start
         else:
             num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
         if self.tp is not None:  # tensor parallel: one config and one pool size on every rank
@@ -133,7 +136,8 @@ class LLMEngine:
         )
         graphs.capture()
         self.runner.graphs = graphs
-        logger.info("hf_cb: captured %d decode graphs in %.1f s", len(graphs.sizes), time.perf_counter() - start)
+        self.startup_s["graph_capture"] = time.perf_counter() - start
+        logger.info("hf_cb: captured %d decode graphs in %.1f s", len(graphs.sizes), self.startup_s["graph_capture"])
 
     # -- requests ----------------------------------------------------------------------------
 

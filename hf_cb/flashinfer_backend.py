@@ -213,7 +213,6 @@ class FlashInferStep:
             b.plan_prefill(wrapper, kind, part.qo_indptr, part.kv_indptr, part.kv_indices, part.kv_last_page_len)
         return wrapper
 
-    @torch.compiler.disable  # compiled forwards call FlashInfer as it is
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         import flashinfer
 
@@ -223,7 +222,6 @@ class FlashInferStep:
             d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"],
         )
 
-    @torch.compiler.disable
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         q, cache = query.contiguous(), (k_cache, v_cache)
         wrappers = self.wrappers((sliding_window, softcap, scaling))

@@ -66,7 +66,7 @@ class ModelRunner:
         i64 = torch.int64
         self.staging = Staging(self.device, {
             "input_ids": (max_num_tokens, i64), "positions": (max_num_tokens, i64),
-            "logits_indices": (max_num_seqs, i64),
+            "logits_indices": (max(max_num_seqs, 2), i64),
             "pending_dst": (max_num_seqs, i64), "pending_src": (max_num_seqs, i64),
         })
         # A 4-D mask makes the model skip all mask construction; the step does the masking.
@@ -117,7 +117,7 @@ class ModelRunner:
         graph_size = self.graphs.size_for(len(batch.seqs)) if self.graphs is not None and batch.is_decode else None
         if graph_size is not None:
             self.graphs.prepare(graph_size, inputs.table, inputs.input_ids)
-            fill_pending(self.graphs.input_ids[0], inputs, prev_tokens)
+            fill_pending(self.graphs.input_ids, inputs, prev_tokens)
             self._record_inputs_copied()
             tokens, logits = self.graphs.replay(graph_size, len(batch.seqs))
             if not is_greedy(sampling):
@@ -138,7 +138,10 @@ class ModelRunner:
         input_ids = put("input_ids", inputs.input_ids)[1]
         fill_pending(input_ids, inputs, prev_tokens)
         position_ids = put("positions", inputs.table.positions)[1]
-        logits_indices = put("logits_indices", inputs.logits_indices)[1]
+        # At least two rows of logits (the extra ones dropped below): a compiled forward would
+        # recompile for 0 and for 1.
+        num_logits = len(inputs.logits_indices)
+        logits_indices = put("logits_indices", np.pad(inputs.logits_indices, (0, max(0, 2 - num_logits))))[1]
         step = self.backend.plan(inputs.table)
         self._record_inputs_copied()
         logits = forward_step(self.forward, self.model, self.cache, step, input_ids[None], position_ids[None],
@@ -148,7 +151,7 @@ class ModelRunner:
             # copies finish before the pinned buffers are rewritten (first steps only).
             torch.cuda.synchronize(self.device)
             self.backend.new_kinds = False
-        return logits
+        return logits[:num_logits]
 
     def _record_inputs_copied(self) -> None:
         if self._inputs_copied is not None:

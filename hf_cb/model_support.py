@@ -1,9 +1,9 @@
 """Which models hf_cb can serve, and the shape of their attention.
 
 A model is judged by what it does, not by the flags its class sets: `probe_attention` runs one
-tiny packed step through hf_cb's attention and checks that every attention layer wrote its K/V
-through the `Cache` and attended through the ``"hf_cb"`` function, and that the logits equal
-the model's own forward.
+tiny packed step through hf_cb's attention and checks that every attention layer attended (and
+so wrote its K/V) once through the ``"hf_cb"`` function, and that the logits equal the model's
+own forward.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from .attention_interface import ATTENTION_NAME, STEP_KWARG, AttentionStep, register
 from .manager import PageManager
+from .paged_attention import in_step
 from .paged_cache import PagedCache
 from .step_forward import cache_keyword, forward_step
 from .tensor_parallel import tensor_parallel_size
@@ -120,8 +121,8 @@ def _shard_heads(model: torch.nn.Module, heads: int, kv_heads: int, tp_size: int
 class RecordingStep:
     """A backend step that counts, per cache layer, the calls of `write_kv` and `attend`.
 
-    Layers are told apart by their page tensors: `PagedCache.update` returns the layer's own
-    tensors, and the attention function must receive exactly those (key None: it did not)."""
+    Layers are told apart by their page tensors, which `paged_attention` takes by the attention
+    module's ``layer_idx`` (key None: pages of no layer)."""
 
     def __init__(self, step: AttentionStep, cache: PagedCache):
         self.step = step
@@ -175,7 +176,7 @@ def probe_attention(model: torch.nn.Module) -> bool:
 
 
 def add_step_hooks(model: torch.nn.Module) -> list[RemovableHandle]:
-    """Forward pre-hooks that hand the engine's step (`PagedCache.step`) to every module with a
+    """Forward pre-hooks that hand the step keyword (`STEP_KWARG`) to every module with a
     ``layer_idx`` whose forward takes the cache and ``**kwargs`` (the attention
     modules), for models whose decoder layers drop the keyword arguments of ``model(...)``.
     Outside an engine step they do nothing; ``handle.remove()`` takes them off."""
@@ -193,8 +194,8 @@ def _takes_cache_and_kwargs(module: torch.nn.Module) -> bool:
 
 def _hand_step(module, args, kwargs):
     cache = next((kwargs[k] for k in _CACHE_NAMES if kwargs.get(k) is not None), None)
-    if isinstance(cache, PagedCache) and cache.step is not None and STEP_KWARG not in kwargs:
-        return args, {**kwargs, STEP_KWARG: cache.step}
+    if isinstance(cache, PagedCache) and in_step() and STEP_KWARG not in kwargs:
+        return args, {**kwargs, STEP_KWARG: True}
     return None
 
 
@@ -271,31 +272,25 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
         raise
     except Exception as error:  # the model's own code failed on hf_cb's inputs: say where
         raise ModelNotSupported(
-            f"{name} failed a probe step through hf_cb's attention after {len(step.writes)} of "
-            f"{shape.num_layers} layers wrote K/V through the Cache and {len(step.attends)} called "
-            f"the attention interface with hf_cb's step: {type(error).__name__}: {error}"
+            f"{name} failed a probe step through hf_cb's attention after {len(step.attends)} of "
+            f"{shape.num_layers} layers called the attention interface with hf_cb's step: "
+            f"{type(error).__name__}: {error}"
         ) from error
     return step, logits.float()
 
 
 def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
-    if step.attends[None]:
+    missing = [i for i in range(num_layers) if step.attends[i] == 0]
+    if missing:
         raise ModelNotSupported(
-            f"{name} attends over other tensors than the K/V pages its Cache returned; hf_cb "
-            "needs each layer to attend over what `Cache.update` returns"
+            f"{name}: {len(missing)} of {num_layers} attention layers did not call the attention interface "
+            f"(layers {missing}); hf_cb serves models whose every layer does"
         )
-    for calls, what in ((step.writes, "write their K/V through the Cache"),
-                        (step.attends, "call the attention interface")):
-        missing = [i for i in range(num_layers) if calls[i] == 0]
-        if missing:
-            raise ModelNotSupported(
-                f"{name}: {len(missing)} of {num_layers} attention layers did not {what} "
-                f"(layers {missing}); hf_cb serves models whose every layer does"
-            )
-    # Attending twice over the same pages is fine; a second write overwrites the first.
-    rewritten = [i for i in range(num_layers) if step.writes[i] > 1]
-    if rewritten:
-        raise ModelNotSupported(f"{name}: attention layers {rewritten} wrote K/V more than once in one step")
+    # Each call writes the layer's K/V: a second call in one step (two modules with one
+    # layer_idx) would overwrite the first's.
+    repeated = [i for i in range(num_layers) if step.writes[i] > 1]
+    if repeated:
+        raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step")
 
 
 def _check_logits(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:

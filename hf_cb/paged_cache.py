@@ -2,10 +2,11 @@
 
 Each layer holds a key and a value tensor of ``[num_pages + 1, page_size, kv_heads, head_dim]``
 (NHD, FlashInfer's layout). The extra last page belongs to no sequence: padded rows of a
-captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` with no hint
-of where the tokens go, so the engine sets `step` before each forward; ``update`` writes the
-step's new K/V into their slots and returns the layer's pages, which the ``"hf_cb"`` attention
-function then reads.
+captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` before its
+attention function; inside an engine step ``update`` checks the K/V's shape and returns them as
+they came, and the ``"hf_cb"`` attention function writes them into the layer's pages and attends
+over those in one op (`paged_attention`), which keeps the write before the read in a compiled
+forward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention_interface import AttentionStep
+from .paged_attention import in_step
 
 
 class PagedLayer(CacheLayerMixin):
@@ -30,15 +31,13 @@ class PagedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Pages are allocated up front; nothing to do."""
 
-    def update(self, key_states, value_states, step: AttentionStep, *args, **kwargs):
+    def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[1] != self.keys.shape[2] or key_states.shape[3] != self.keys.shape[3]:
             raise ValueError(
                 f"the model produced K/V of {key_states.shape[1]} heads x {key_states.shape[3]}, "
                 f"the paged cache holds {self.keys.shape[2]} x {self.keys.shape[3]}"
             )
-        # [1, Hkv, T, D] -> [T, Hkv, D]
-        step.write_kv(self.keys, self.values, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        return self.keys, self.values
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, 0
@@ -81,13 +80,12 @@ class PagedCache(Cache):
         self.num_pages = num_pages
         self.page_size = page_size
         self.scratch_page = num_pages
-        self.step: AttentionStep | None = None
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.step is None:
+        if not torch.compiler.is_compiling() and not in_step():
             raise RuntimeError("PagedCache is written only inside an hf_cb engine step")
-        return self.layers[layer_idx].update(key_states, value_states, self.step)
+        return self.layers[layer_idx].update(key_states, value_states)

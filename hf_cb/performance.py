@@ -11,14 +11,21 @@ from contextlib import contextmanager
 import torch
 
 
-def compile_forward(model: torch.nn.Module, num_layers: int):
-    """``torch.compile`` of the model's own forward, shapes dynamic (the step size varies)."""
-    import torch._dynamo
+def compile_forward(model: torch.nn.Module, backend="inductor", fullgraph: bool = False):
+    """``torch.compile`` of the model's own forward, shapes dynamic (the step size varies). The
+    attention of each layer is one opaque op (`paged_attention`), so the forward compiles as one
+    graph, once: callers keep every step size at 2 or more (sizes 0 and 1 are specialised)."""
+    import torch.fx.experimental._config as fx_config
 
-    # Each layer's attention module is a separate specialisation (its layer_idx is static).
-    limit = max(torch._dynamo.config.recompile_limit, 4 * num_layers)
-    torch._dynamo.config.recompile_limit = limit
-    return torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, dynamic=True, backend=backend, fullgraph=fullgraph)
+
+    def forward(*args, **kwargs):
+        # Duck sizing gives input dims of equal size one symbol; when one of them is then
+        # specialised, so are the others, and a later step recompiles the whole forward.
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 @contextmanager

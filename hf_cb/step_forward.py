@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 
 from .attention_interface import STEP_KWARG, AttentionStep
+from .paged_attention import stepping
 from .paged_cache import PagedCache
 
 
@@ -28,12 +29,9 @@ def forward_step(forward, model: torch.nn.Module, cache: PagedCache, step: Atten
                  position_ids: torch.Tensor, mask: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """Logits ``[S, V]`` of one packed step (``input_ids``/``position_ids`` ``[1, T]``) through
     ``forward`` (the model or its compiled forward). The 4-D ``mask`` makes the model build no
-    mask of its own; the step does the masking. ``cache.step`` is set for the forward only."""
-    cache.step = step
-    try:
-        with torch.no_grad():
-            out = forward(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                          logits_to_keep=logits_to_keep, **{cache_keyword(model): cache, STEP_KWARG: step})
-    finally:
-        cache.step = None
+    mask of its own; the step does the masking. ``(cache, step)`` is the thread's current step for
+    the forward only (`paged_attention.stepping`)."""
+    with stepping(cache, step), torch.no_grad():
+        out = forward(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                      logits_to_keep=logits_to_keep, **{cache_keyword(model): cache, STEP_KWARG: True})
     return out.logits[0]

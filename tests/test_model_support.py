@@ -100,12 +100,12 @@ def test_model_whose_attention_bypasses_the_interface_is_refused():
     )
 
 
-def test_layer_that_skips_the_cache_is_refused(monkeypatch):
+def test_layer_that_skips_the_attention_interface_is_refused(monkeypatch):
     model = tiny_model("llama")
     attention = model.model.layers[1].self_attn
     monkeypatch.setattr(attention, "forward", lambda hidden_states, *a, **k: (torch.zeros_like(hidden_states), None))
     assert_refused(
-        model, r"LlamaForCausalLM: 1 of 2 attention layers did not write their K/V through the Cache \(layers \[1\]\)"
+        model, r"LlamaForCausalLM: 1 of 2 attention layers did not call the attention interface \(layers \[1\]\)"
     )
 
 
