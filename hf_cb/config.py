@@ -35,6 +35,9 @@ class EngineConfig:
         cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
         compile: ``torch.compile`` the model's forward (on CUDA the FlashInfer calls stay outside
             the compiled regions); pays off with CUDA graphs, where it fuses the small kernels.
+        fuse_projections: inside engine steps, compute q/k/v and gate/up (Llama's naming) as
+            one GEMM each; their parameters become views of one tensor (`fused_projections`).
+            None: on CUDA, where small decode GEMMs are latency-bound.
         async_scheduling: prepare step n+1 while the device runs step n; an EOS is then seen
             one step late (the extra token is dropped). Off for requests with a repetition
             penalty, which needs every token on the host.
@@ -55,6 +58,7 @@ class EngineConfig:
     decode_tensor_cores: bool | None = None
     cuda_graphs: bool = True
     compile: bool = False
+    fuse_projections: bool | None = None
     async_scheduling: bool = True
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30

@@ -20,6 +20,7 @@ from .backends import make_backend
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .flashinfer_backend import FlashInferBackend
+from .fused_projections import FusedGroup, fuse_projections
 from .kv_memory import profile_num_pages
 from .limits import RequestLimits
 from .manager import PageManager
@@ -52,6 +53,7 @@ class LLMEngine:
         # Judge the model by what it does (one tiny step), not by its class's flags.
         self._step_hooks = add_step_hooks(model) if probe_attention(model) else []
         self._original_attn = model.config._attn_implementation
+        self.fused: list[FusedGroup] = []
         try:
             self._start(model, config)
         except BaseException:
@@ -70,6 +72,9 @@ class LLMEngine:
             self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
+        fuse = config.fuse_projections if config.fuse_projections is not None else self.device.type == "cuda"
+        if fuse and self.tp is None:  # a tensor-parallel shard's weights are DTensors
+            self.fused = fuse_projections(model)
         self.forward = compile_forward(model) if config.compile else model
 
         model.set_attn_implementation(ATTENTION_NAME)
@@ -294,6 +299,11 @@ class LLMEngine:
         if state == self._weights:
             return
         moved = state[0] != self._weights[0]
+        if moved:
+            for group in self.fused:
+                if not group.is_fused():  # a parameter was replaced: fuse the new ones
+                    group.fuse()
+            state = weights_state(self.model)
         self._weights = state
         self.reset_prefix_cache()
         if moved and not self.asleep and self.runner.graphs is not None:
@@ -334,4 +344,7 @@ class LLMEngine:
         """Take hf_cb's hooks and attention implementation off the model."""
         for hook in self._step_hooks:
             hook.remove()
+        for group in self.fused:
+            group.unfuse()
+        self.fused = []
         self.model.set_attn_implementation(self._original_attn)

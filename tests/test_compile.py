@@ -28,11 +28,12 @@ def compile_counter(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["own-projections", "fused-projections"])
 @pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: soft-cap and sliding-window layers
-def test_compiled_forward_is_one_graph_and_equals_generate(name, compile_counter):
+def test_compiled_forward_is_one_graph_and_equals_generate(name, fuse, compile_counter):
     model = tiny_model(name)
     refs = [reference_generate(model, p, max_new_tokens=MAX_NEW, do_sample=False) for p in PROMPTS]
-    config = hf_cb.EngineConfig(compile=True, page_size=8, max_num_batched_tokens=64)
+    config = hf_cb.EngineConfig(compile=True, page_size=8, max_num_batched_tokens=64, fuse_projections=fuse)
     outs = model.generate_batch_continuous(PROMPTS, max_new_tokens=MAX_NEW, do_sample=False, engine_config=config)
     assert [o.token_ids for o in outs] == refs
     # Two specialisations of the forward (one token, several; no graphs on CPU) and whatever
