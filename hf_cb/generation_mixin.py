@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from .sequence import Completion, Sequence
 from .stopping import StopStrings, StreamerFeed
 
 _STOCK_GENERATE_ATTR = "_hf_cb_stock_generate"
+logger = logging.getLogger("hf_cb")
 Hook = Callable[[LLMEngine, list[Sequence]], None]
 
 # -- generate_batch_continuous ---------------------------------------------------------------
@@ -182,34 +184,43 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False
 
 
-def _drop_in_config(model: torch.nn.Module, inputs, generation_config, kwargs: dict) -> GenerationConfig | None:
-    """The prepared config of a generate() call hf_cb runs, or None if it needs stock generate
-    (a mode hf_cb does not handle, or inputs stock generate refuses with its own error)."""
-    if any(_is_set(kwargs.get(k)) for k in STOCK_ONLY_KWARGS):
-        return None
+def _drop_in_config(model: torch.nn.Module, inputs, generation_config,
+                    kwargs: dict) -> tuple[GenerationConfig | None, str | None]:
+    """(the prepared config of a generate() call hf_cb runs, None) or (None, why it goes to
+    stock generate: a mode hf_cb does not handle, or inputs stock generate refuses itself)."""
+    stock_only = next((k for k in STOCK_ONLY_KWARGS if _is_set(kwargs.get(k))), None)
+    if stock_only is not None:
+        return None, f"`{stock_only}` is given"
     ids = inputs if inputs is not None else kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0 or not is_integer_tensor(ids):
-        return None
+        return None, "the inputs are not a non-empty [batch, length] tensor of token ids"
     if kwargs.get("streamer") is not None and ids.shape[0] != 1:  # Transformers: batch size 1 only
-        return None
+        return None, "a streamer with a batch of more than one"
     config, _ = model._prepare_generation_config(generation_config, **kwargs)
     if config.stop_strings and kwargs.get("tokenizer") is None:
-        return None
-    return None if unsupported_reason(config) else config
+        return None, "stop_strings without a tokenizer"
+    reason = unsupported_reason(config)
+    return (None, f"the generation config sets {reason}") if reason else (config, None)
 
 
 def enable(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model.generate`` the continuous-batching drop-in (idempotent). Modes hf_cb does
     not handle (beam search, assisted decoding, custom processors...) go to the stock
-    `generate` unchanged."""
+    `generate` unchanged, with a warning naming the reason (once per reason and model)."""
     if _STOCK_GENERATE_ATTR in model.__dict__:
         return model
     stock = model.generate
     own = model.__dict__.get("generate")  # an instance-level generate to restore on disable
 
+    told: set[str] = set()  # each reason for stock generate is logged once per model
+
     def generate_(inputs=None, generation_config=None, **kwargs):
-        config = _drop_in_config(model, inputs, generation_config, kwargs)
+        config, reason = _drop_in_config(model, inputs, generation_config, kwargs)
         if config is None:
+            if reason not in told:
+                told.add(reason)
+                logger.warning("hf_cb: this generate() call runs stock Transformers generate, not the "
+                               "continuous-batching engine: %s (logged once per reason)", reason)
             return stock(inputs, generation_config, **kwargs)
         # Transformers drops a custom generate's streamer and tokenizer: pass them as ours.
         ours = {"hf_cb_streamer": kwargs.pop("streamer", None)}

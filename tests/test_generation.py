@@ -98,7 +98,7 @@ def test_enable_is_idempotent_and_disable_restores():
     assert model.generate == stock and "generate" not in model.__dict__
 
 
-def test_unsupported_modes_fall_back_to_stock_generate():
+def test_unsupported_modes_fall_back_to_stock_generate(caplog):
     model, _ = model_and_refs("llama")
     ids = torch.tensor([PROMPTS[2][:20], PROMPTS[4][:20]])
     mask = torch.ones_like(ids)
@@ -117,6 +117,11 @@ def test_unsupported_modes_fall_back_to_stock_generate():
             expected = expected.sequences if hasattr(expected, "sequences") else expected
             assert torch.equal(got, expected)
         assert getattr(model, "_hf_cb_engine", None) is engine_before  # never touched the engine
+        # Each reason is said once, naming what sent the call to stock generate.
+        model.generate(ids, attention_mask=mask, do_sample=False, **cases[0])
+        said = [r.getMessage() for r in caplog.records if "runs stock Transformers generate" in r.getMessage()]
+        assert len(said) == len(cases)
+        assert "num_beams=3" in said[0] and "no_repeat_ngram_size=2" in said[1] and "output_scores" in said[2]
     finally:
         hf_cb.disable(model)
 
