@@ -5,7 +5,8 @@
 CASE ``tp``: tensor-parallel offline generation, an OnlineEngine on rank 0 with rank 1
 following, and the refusal of a model with fewer K/V heads than ranks (MODEL_DIR KV1_DIR);
 ``dp``: `generate_data_parallel` of a whole model per rank; ``tp_dp``: of tensor-parallel
-replicas (4 ranks, TP 2 x DP 2). Rank 0 prints one JSON line per result; ``agree`` says whether
+replicas (4 ranks, TP 2 x DP 2); ``diverge_config`` / ``diverge_request``: rank 1 builds its
+engine with another config, or asks for another prompt, and must stop with the reason. Rank 0 prints one JSON line per result; ``agree`` says whether
 every rank computed the same.
 """
 
@@ -115,10 +116,24 @@ def data_parallel(model_dir: str, tensor_parallel: bool) -> None:
     emit("unseeded", tokens(unseeded))
 
 
+def diverge(model_dir: str, what: str) -> None:
+    """Rank 1 departs from rank 0; it must raise, naming how, before any collective mismatches."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32)
+    rank = dist.get_rank()
+    if what == "config":
+        hf_cb.get_engine(model, SMALL if rank == 1 else hf_cb.EngineConfig())
+    else:
+        prompts = [p[::-1] for p in PROMPTS] if rank == 1 else PROMPTS
+        model.generate_batch_continuous(prompts, max_new_tokens=4, do_sample=False)
+    emit("diverged", "not stopped")
+
+
 def main() -> None:
     case, *dirs = sys.argv[1:]
     if case == "tp":
         tensor_parallel(*dirs)
+    elif case.startswith("diverge_"):
+        diverge(dirs[0], case.removeprefix("diverge_"))
     else:
         data_parallel(dirs[0], tensor_parallel=case == "tp_dp")
     dist.barrier()

@@ -28,13 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> list[dict]:
-    """Run ``script`` on ``nproc`` CPU ranks; the JSON lines rank 0 printed."""
+def launch(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` CPU ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", str(script), *args]
     # No GPU even where there is one: gloo on CPU, float32.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> list[dict]:
+    """Run ``script`` on ``nproc`` CPU ranks; the JSON lines rank 0 printed."""
+    done = launch(script, *args, nproc=nproc, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -83,6 +88,17 @@ def test_tensor_parallel_equals_one_process(model, model_dir, greedy, tmp_path):
     assert got["online"]["result"] == [c.token_ids for c in no_eos] + [no_eos[4].token_ids[:4]]
 
     assert "2 tensor-parallel ranks cannot split into whole heads" in got["refused"]["result"]
+
+
+@pytest.mark.parametrize("what, reason", [
+    ("config", "rank 1 of the tensor-parallel group has"),
+    ("request", "rank 1's request 0 differs from rank 0's"),
+])
+def test_tensor_parallel_rank_that_departs_from_rank_0_stops_with_the_reason(model_dir, what, reason):
+    done = launch(ROOT / "tests" / "distributed_worker.py", f"diverge_{what}", str(model_dir), timeout=90)
+    assert done.returncode != 0
+    assert reason in done.stderr, done.stderr[-4000:]
+    assert "not stopped" not in done.stdout
 
 
 @pytest.mark.parametrize("case, nproc", [("dp", 2), ("tp_dp", 4)], ids=["dp2", "tp2xdp2"])
