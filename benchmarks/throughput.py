@@ -124,6 +124,15 @@ def measure(system: str, run, wl: Workload, warm: Workload) -> Result:
     )
 
 
+def compile_phases() -> dict[str, float]:
+    """Seconds spent so far in this process in each phase of torch.compile (Dynamo's tracing,
+    AOTAutograd, Inductor, cache loads), the slowest first."""
+    import torch._dynamo.utils
+
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    return dict(sorted(((n, float(v)) for n, v in zip(names, values)), key=lambda kv: -kv[1]))
+
+
 def measure_hf_cb(name: str, model, wl: Workload, warm: Workload, engine_config: hf_cb.EngineConfig,
                   progress: bool) -> Result:
     """`measure` of hf_cb, with the engine's build time and its first call (the warm-up run:
@@ -135,6 +144,7 @@ def measure_hf_cb(name: str, model, wl: Workload, warm: Workload, engine_config:
     result = measure(name, lambda w: run_hf_cb(model, w, engine_config, progress), wl, warm)
     result.extra = {
         "engine_build_s": build_s, "first_call_s": result.extra["warmup_s"], "startup_s": engine.startup_s,
+        "compile_phases_s": compile_phases(),
         "backend": type(engine.backend).__name__, "num_pages": engine.manager.num_pages,
         "preemptions": engine.scheduler.num_preemptions, "host": engine.stats.summary(),
     }
@@ -256,6 +266,9 @@ def print_table(report: dict) -> None:
             host = r["extra"]["host"]
             hits = host["prefix_hits"] / max(host["prefix_queries"], 1)
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["extra"].get("startup_s", {}).items())
+            slowest = list(r["extra"].get("compile_phases_s", {}).items())[:4]
+            if slowest and slowest[0][1] > 0.5:
+                parts += "; compile phases so far: " + ", ".join(f"{k} {v:.1f} s" for k, v in slowest)
             print(f"{r['system']}: engine built in {r['extra']['engine_build_s']:.1f} s ({parts}), first call (warm-up) "
                   f"{r['extra']['first_call_s']:.1f} s, prefix cache hits {hits:.1%} of prompt tokens, "
                   f"{host['steps']} steps")
