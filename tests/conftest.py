@@ -24,6 +24,8 @@ from transformers import (
 
 import hf_cb
 
+pytest_plugins = ["server_support"]  # the server tests' fixtures (one server per test module)
+
 VOCAB = 512
 # HF_CB_TEST_DEVICE=cuda runs the CPU suite on a GPU (float32 models: the PyTorch backend).
 DEVICE = os.environ.get("HF_CB_TEST_DEVICE", "cpu")

@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
+from conftest import random_prompts, tiny_model, word_tokenizer
 
 import hf_cb
-from conftest import random_prompts, tiny_model, word_tokenizer
 from hf_cb.online import OnlineEngine
 
 HTTPServer = pytest.importorskip("hf_cb.server").HTTPServer  # the serve extra; the GPU machine lacks it
