@@ -82,6 +82,13 @@ def _release_engines():
         hf_cb.release(model)
 
 
+def saved_model(model, tokenizer, folder):
+    """``model`` and ``tokenizer`` saved into ``folder`` (a model directory for the CLI)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def random_prompts(n: int, min_len: int, max_len: int, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
     """Prompts of token ids >= 3, so no prompt holds BOS/EOS/PAD."""
     rng = random.Random(seed)

@@ -12,9 +12,8 @@ import pytest
 
 pytest.importorskip("fastapi")  # the serve extra; the GPU machine may not have it
 
+from conftest import DEVICE, QUESTION, chat_word_tokenizer, random_prompts, saved_model, tiny_model, words
 from serve_process import hf_cb, serving
-
-from conftest import chat_word_tokenizer, DEVICE, QUESTION, random_prompts, tiny_model, words
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 51
@@ -36,10 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def model_dir(model, tok, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "tiny-llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return saved_model(model, tok, tmp_path_factory.mktemp("cli") / "tiny-llama")
 
 
 def offline(model, tok, prompts, max_tokens, temperature=0.0, **kwargs):

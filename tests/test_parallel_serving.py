@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("fastapi")  # the serve extra
 import httpx  # noqa: E402
-
-from conftest import random_prompts, tiny_model, word_tokenizer  # noqa: E402
+from conftest import random_prompts, saved_model, tiny_model, word_tokenizer  # noqa: E402
 from serve_process import serving  # noqa: E402
+
 from hf_cb.online import OnlineEngine  # noqa: E402
 from hf_cb.server import HTTPServer  # noqa: E402
 from hf_cb.server.http_server import join  # noqa: E402
@@ -38,10 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def model_dir(model, tok, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parallel_serving") / "llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return saved_model(model, tok, tmp_path_factory.mktemp("parallel_serving") / "llama")
 
 
 def complete_all(url: str, prompts: list[list[int]], max_tokens: int) -> list[str]:
