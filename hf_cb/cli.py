@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     if ranks.under_torchrun():
         ranks.check_world(nproc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    finally:
+        ranks.leave()
 
 
 if __name__ == "__main__":

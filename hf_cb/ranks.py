@@ -36,6 +36,16 @@ def check_world(nproc: int) -> None:
                          "were started")
 
 
+def leave() -> None:
+    """Destroy this rank's process group, if it has one, before the interpreter exits: a gloo
+    group's threads still running at exit can abort the process ("terminate called without an
+    active exception", seen once in CI at the end of a data-parallel server)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``hf-cb ARGV`` as ``nproc`` ranks on this machine until they end; return the worst
     exit status. SIGTERM and SIGINT go to rank 0, which stops the others; if a rank fails, the
