@@ -172,8 +172,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--prefix-caching", choices=["on", "off", "both"], default="on",
                    help="both: hf_cb with and without prefix caching, in the same run")
-    p.add_argument("--fuse-projections", choices=["auto", "on", "off", "both"], default="auto",
-                   help="q/k/v and gate/up as one GEMM each (auto: on CUDA); both: also a run without")
+    p.add_argument("--fuse-projections", choices=["off", "on", "both"], default="off",
+                   help="q/k/v and gate/up as one GEMM each; both: also a run without")
     p.add_argument("--decode-tensor-cores", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     p.add_argument("--no-progress", action="store_true")
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
         decode_tensor_cores={"auto": None, "on": True, "off": False}[args.decode_tensor_cores],
         enable_prefix_caching=args.prefix_caching != "off",
-        fuse_projections={"auto": None, "on": True, "off": False, "both": True}[args.fuse_projections],
+        fuse_projections=args.fuse_projections != "off",
     )
 
     results = [measure_hf_cb("hf_cb", model, wl, warm, engine_config, progress)]

@@ -72,8 +72,7 @@ class LLMEngine:
             self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
-        fuse = config.fuse_projections if config.fuse_projections is not None else self.device.type == "cuda"
-        if fuse and self.tp is None:  # a tensor-parallel shard's weights are DTensors
+        if config.fuse_projections and self.tp is None:  # a tensor-parallel shard's weights are DTensors
             self.fused = fuse_projections(model)
         self.forward = compile_forward(model) if config.compile else model
 

@@ -136,15 +136,16 @@ def test_fp32_on_cuda_falls_back_to_torch_backend_with_a_warning():
     assert type(engine.backend).__name__ == "TorchAttentionBackend"
 
 
-def test_compiled_forward_with_graphs_is_teacher_forced_argmax():
+@pytest.mark.parametrize("fuse", [False, True], ids=["own-projections", "fused-projections"])
+def test_compiled_forward_with_graphs_is_teacher_forced_argmax(fuse):
     model = tiny_gpu_model("llama", torch.bfloat16)
     prompts, max_new = PROMPTS[:24], MAX_NEW[:24]
-    outs = model.generate_batch_continuous(
-        prompts, max_new_tokens=max_new, do_sample=False, engine_config=hf_cb.EngineConfig(compile=True)
-    )
-    assert hf_cb.get_engine(model).runner.graphs is not None
+    config = hf_cb.EngineConfig(compile=True, fuse_projections=fuse)
+    outs = model.generate_batch_continuous(prompts, max_new_tokens=max_new, do_sample=False, engine_config=config)
+    engine = hf_cb.get_engine(model)
+    assert engine.runner.graphs is not None and len(engine.fused) == (2 * model.config.num_hidden_layers if fuse else 0)
     worst = max(max(teacher_forced_gaps(model, p, o.token_ids)) for p, o in zip(prompts, outs))
-    print(f"compiled + graphs: worst teacher-forced gap {worst:.4f}")
+    print(f"compiled + graphs, fuse_projections={fuse}: worst teacher-forced gap {worst:.4f}")
     assert worst <= LOGIT_TOL
 
 

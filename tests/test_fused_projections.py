@@ -96,3 +96,14 @@ def test_release_gives_the_modules_their_own_forward_back():
     with torch.no_grad():
         x = torch.randn(1, 3, model.config.hidden_size)
         assert torch.equal(attn.k_proj(x), x @ attn.k_proj.weight.T)
+
+
+def test_save_pretrained_round_trips_the_fused_parameters(tmp_path):
+    # The views share storage (what makes fusion opt-in): Transformers saves each one apart.
+    model = tiny_model("qwen2")
+    generate(model)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    saved = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
