@@ -40,8 +40,9 @@ class EngineConfig:
         fuse_projections: inside engine steps, compute q/k/v and gate/up (Llama's naming) as
             one GEMM each (`fused_projections`): W2 on an H200 +12 %, where small decode GEMMs
             are latency-bound. Opt-in because users can see it: the parameters become views of
-            one tensor each, which `save_pretrained` handles, while `safetensors.save_file`
-            refuses shared storage and Accelerate's safetensors saving drops all but one view.
+            one tensor each, which `save_pretrained` and safetensors 0.8 save correctly, but
+            Accelerate's safetensors saving (`clean_state_dict_for_safetensors`) treats them as
+            tied and keeps only one of each group.
         async_scheduling: prepare step n+1 while the device runs step n; an EOS is then seen
             one step late (the extra token is dropped). Off for requests with a repetition
             penalty, which needs every token on the host.
