@@ -75,7 +75,7 @@ def _fused_forward(group: FusedGroup, i: int, module: nn.Linear):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         # Under autograd each parameter must get its own gradient: the module's own forward.
-        if torch.is_grad_enabled() or not (torch.compiler.is_compiling() or in_step()):
+        if torch.is_grad_enabled() or not in_step():
             return linear(module, x)
         return group.output(i, x)
 

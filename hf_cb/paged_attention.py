@@ -38,8 +38,9 @@ def stepping(cache: PagedCache, step: AttentionStep) -> Iterator[None]:
 
 
 def in_step() -> bool:
-    """Whether this thread is inside an engine step's forward."""
-    return getattr(_local, "current", None) is not None
+    """Whether this thread is inside an engine step's forward. While `torch.compile` traces, yes:
+    only engine steps run the compiled forward (and the thread's state is not traced)."""
+    return torch.compiler.is_compiling() or getattr(_local, "current", None) is not None
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scaling: float,

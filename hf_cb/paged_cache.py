@@ -86,6 +86,6 @@ class PagedCache(Cache):
         return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if not torch.compiler.is_compiling() and not in_step():
+        if not in_step():
             raise RuntimeError("PagedCache is written only inside an hf_cb engine step")
         return self.layers[layer_idx].update(key_states, value_states)
