@@ -24,6 +24,7 @@ def compile_counter(monkeypatch):
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(hf_cb.engine, "compile_forward", partial(compile_forward, backend=counter, fullgraph=True))
     torch._dynamo.reset()
+    torch._dynamo.utils.compilation_time_metrics.clear()
     yield counter
     torch._dynamo.reset()
 
@@ -41,6 +42,9 @@ def test_compiled_forward_is_one_graph_and_equals_generate(name, fuse, compile_c
     # sizes 0 and 1 were padded away and duck sizing turned off, this was 5 to 6.)
     compiled = compile_counter.frame_count
     assert 0 < compiled <= 4
+    # Each frame traced once: no second attempt after a restarted analysis (a float traced as a
+    # symbol did that to the whole forward).
+    assert "compile_attempt_1" not in torch._dynamo.utils.compilation_time_metrics
     more = random_prompts(5, 50, 90, seed=4)
     outs = model.generate_batch_continuous(more, max_new_tokens=3, do_sample=False, engine_config=config)
     assert [o.token_ids for o in outs] == [reference_generate(model, p, max_new_tokens=3, do_sample=False)
