@@ -34,7 +34,8 @@ def setup(q_lens, kv_lens, heads, kv_heads, head_dim, **backend_kwargs):
         device=torch.device("cuda"), max_num_seqs=len(kv_lens), max_num_tokens=sum(q_lens),
         max_num_page_ids=num_pages, **backend_kwargs,
     )
-    shape = (num_pages + 1, PS, kv_heads, head_dim)
+    page = (PS, kv_heads) if backend.kv_layout == "NHD" else (kv_heads, PS)
+    shape = (num_pages + 1, *page, head_dim)
     k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     q = torch.randn(sum(q_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")

@@ -17,17 +17,17 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
                  max_num_page_ids: int):
     """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
     if config.attention_backend == "torch":
-        return TorchAttentionBackend(config.page_size, device)
+        return torch_backend(config, device)
     if device.type != "cuda":
         if config.attention_backend == "flashinfer":
             raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
-        return TorchAttentionBackend(config.page_size, device)
+        return torch_backend(config, device)
     reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
     if reason:
         if config.attention_backend == "flashinfer":
             raise ValueError(reason)
         warnings.warn(f"hf_cb: using the PyTorch attention backend on CUDA: {reason}", stacklevel=3)
-        return TorchAttentionBackend(config.page_size, device)
+        return torch_backend(config, device)
     return FlashInferBackend(
         num_heads=shape.num_heads,
         num_kv_heads=shape.num_kv_heads,
@@ -40,4 +40,12 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         max_num_page_ids=max_num_page_ids,
         prefill_backend=config.prefill_backend,
         decode_tensor_cores=config.decode_tensor_cores,
+        kv_layout=config.kv_layout,
     )
+
+
+def torch_backend(config: EngineConfig, device: torch.device) -> TorchAttentionBackend:
+    if config.kv_layout != TorchAttentionBackend.kv_layout:
+        raise ValueError(f"EngineConfig.kv_layout={config.kv_layout!r} needs the FlashInfer backend; the PyTorch "
+                         f"backend keeps its pages {TorchAttentionBackend.kv_layout}")
+    return TorchAttentionBackend(config.page_size, device)

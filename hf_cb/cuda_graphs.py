@@ -142,7 +142,7 @@ class GraphDecodeStep:
         g, n = self.graphs, self.batch_size
         flashinfer.append_paged_kv_cache(
             key, value, g.token_rows[:n], g.positions[:n], (k_cache, v_cache),
-            g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n],
+            g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n], kv_layout=g.backend.kv_layout,
         )
 
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
@@ -160,7 +160,7 @@ class GraphDecodeStep:
 
         g, n, b = self.graphs, self.batch_size, self.graphs.backend
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            b.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=b.use_tensor_cores,
+            b.workspace, b.kv_layout, use_cuda_graph=True, use_tensor_cores=b.use_tensor_cores,
             paged_kv_indptr_buffer=g.kv_indptr[: n + 1],
             paged_kv_indices_buffer=g.kv_indices,
             paged_kv_last_page_len_buffer=g.kv_last_page_len[:n],

@@ -110,6 +110,7 @@ class LLMEngine:
         self.cache = PagedCache(
             shape.num_layers, num_pages, config.page_size, shape.num_kv_heads, shape.head_dim,
             self.dtype, self.device, sliding_layers=[w is not None for w in self.windows],
+            layout=self.backend.kv_layout,
         )
         self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq,
                                    prefix_caching=config.enable_prefix_caching)

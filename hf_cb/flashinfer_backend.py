@@ -5,7 +5,8 @@ Single-token rows (decode rows, which the scheduler puts first) run
 (causal), so a mixed step launches both kernels per layer, each into its slice of the output. Each distinct kind of layer (sliding window,
 soft-cap, softmax scale) gets its own pair of wrappers, planned once per step from int32 index
 arrays staged in pinned host buffers, so `plan()` never reads device memory. New K/V go into the
-pages with one `append_paged_kv_cache` launch per layer.
+pages with one `append_paged_kv_cache` launch per layer. The pages' layout (`kv_layout`) is the
+backend's choice, as the kernels read them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class FlashInferBackend:
         max_num_page_ids: int,
         prefill_backend: str = "auto",
         decode_tensor_cores: bool | None = None,
+        kv_layout: str = "NHD",
     ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
@@ -66,6 +68,7 @@ class FlashInferBackend:
         if decode_tensor_cores is None:
             decode_tensor_cores = num_heads // num_kv_heads >= 2
         self.use_tensor_cores = decode_tensor_cores
+        self.kv_layout = kv_layout  # "NHD" or "HND": how the pages are laid out
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         i32 = torch.int32
         self.staging = Staging(
@@ -126,9 +129,10 @@ class FlashInferBackend:
 
         if is_decode:
             return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
+                self.workspace, self.kv_layout, use_tensor_cores=self.use_tensor_cores
             )
-        return flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend)
+        return flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, self.kv_layout,
+                                                              backend=self.prefill_backend)
 
 
 def step_arrays(table: PageTable) -> tuple[int, dict[str, np.ndarray]]:
@@ -219,7 +223,7 @@ class FlashInferStep:
         d = self.dev
         flashinfer.append_paged_kv_cache(
             key, value, d["token_rows"], d["positions"], (k_cache, v_cache),
-            d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"],
+            d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"], kv_layout=self.backend.kv_layout,
         )
 
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:

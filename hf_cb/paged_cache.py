@@ -1,7 +1,8 @@
 """`PagedCache`: the K/V pages of every layer, as a Transformers `Cache`.
 
 Each layer holds a key and a value tensor of ``[num_pages + 1, page_size, kv_heads, head_dim]``
-(NHD, FlashInfer's layout). The extra last page belongs to no sequence: padded rows of a
+(``NHD``) or ``[num_pages + 1, kv_heads, page_size, head_dim]`` (``HND``, where each head's
+tokens of a page are contiguous; the backend picks). The extra last page belongs to no sequence: padded rows of a
 captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` before its
 attention function; inside an engine step ``update`` checks the K/V's shape and returns them as
 they came, and the ``"hf_cb"`` attention function writes them into the layer's pages and attends
@@ -10,6 +11,8 @@ forward.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -22,20 +25,21 @@ class PagedLayer(CacheLayerMixin):
 
     is_compileable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, is_sliding: bool):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, is_sliding: bool, page_size: int, num_kv_heads: int):
         super().__init__()
         self.keys, self.values = keys, values
         self.is_sliding = is_sliding
+        self.page_size, self.num_kv_heads, self.head_dim = page_size, num_kv_heads, keys.shape[3]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Pages are allocated up front; nothing to do."""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[1] != self.keys.shape[2] or key_states.shape[3] != self.keys.shape[3]:
+        if key_states.shape[1] != self.num_kv_heads or key_states.shape[3] != self.head_dim:
             raise ValueError(
                 f"the model produced K/V of {key_states.shape[1]} heads x {key_states.shape[3]}, "
-                f"the paged cache holds {self.keys.shape[2]} x {self.keys.shape[3]}"
+                f"the paged cache holds {self.num_kv_heads} x {self.head_dim}"
             )
         return key_states, value_states
 
@@ -46,7 +50,7 @@ class PagedLayer(CacheLayerMixin):
         return 0
 
     def get_max_length(self) -> int:
-        return (self.keys.shape[0] - 1) * self.keys.shape[1]
+        return (self.keys.shape[0] - 1) * self.page_size
 
     def reset(self) -> None:
         """Pages are owned by the page manager; a reset leaves them to it."""
@@ -65,21 +69,33 @@ class PagedCache(Cache):
         dtype: torch.dtype,
         device: torch.device,
         sliding_layers: list[bool] | None = None,
+        layout: Literal["NHD", "HND"] = "NHD",
     ):
+        if layout not in ("NHD", "HND"):
+            raise ValueError(f"unknown KV layout {layout!r} (NHD or HND)")
         sliding_layers = sliding_layers or [False] * num_layers
-        shape = (num_pages + 1, page_size, num_kv_heads, head_dim)
+        page = (page_size, num_kv_heads) if layout == "NHD" else (num_kv_heads, page_size)
+        shape = (num_pages + 1, *page, head_dim)
         layers = [
             PagedLayer(
                 torch.zeros(shape, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=dtype, device=device),
                 sliding_layers[i],
+                page_size,
+                num_kv_heads,
             )
             for i in range(num_layers)
         ]
         super().__init__(layers=layers)
         self.num_pages = num_pages
         self.page_size = page_size
+        self.layout = layout
         self.scratch_page = num_pages
+
+    def token_major(self, pages: torch.Tensor) -> torch.Tensor:
+        """A layer's ``keys`` or ``values`` as ``[num_pages + 1, page_size, kv_heads, head_dim]``
+        (a view, whatever the layout)."""
+        return pages if self.layout == "NHD" else pages.transpose(1, 2)
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -15,6 +15,7 @@ from .manager import PageTable
 
 class TorchAttentionBackend:
     new_kinds = False  # every kind of layer is served by the same step (see FlashInferBackend)
+    kv_layout = "NHD"  # the slot-major pages `write_kv` and `attend` index
 
     def __init__(self, page_size: int, device: torch.device):
         self.page_size = page_size

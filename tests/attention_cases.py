@@ -33,8 +33,10 @@ def run_case(
     num_pages = sum(-(-n // page_size) for n in kv_lens) + 8
     manager = PageManager(num_pages, page_size, len(kv_lens), max(-(-n // page_size) for n in kv_lens))
     rng.shuffle(manager._free_pages)  # pages at random places in the pool
-    cache = PagedCache(1, num_pages, page_size, num_kv_heads, head_dim, dtype, torch.device(device))
+    cache = PagedCache(1, num_pages, page_size, num_kv_heads, head_dim, dtype, torch.device(device),
+                       layout=backend.kv_layout)
     k_cache, v_cache = cache.layers[0].keys, cache.layers[0].values
+    k_slots, v_slots = cache.token_major(k_cache), cache.token_major(v_cache)  # [page, offset, head, dim]
     k_cache.normal_(generator=None)  # garbage in unused slots must not leak into the result
     v_cache.normal_(generator=None)
 
@@ -49,15 +51,15 @@ def run_case(
         pages = manager.pages_of(s)
         for pos in range(c):
             page, off = pages[pos // page_size], pos % page_size
-            k_cache[page, off] = keys[s][pos].to(dtype)
-            v_cache[page, off] = values[s][pos].to(dtype)
+            k_slots[page, off] = keys[s][pos].to(dtype)
+            v_slots[page, off] = values[s][pos].to(dtype)
 
     table = manager.build(list(range(len(kv_lens))), cached, q_lens)
     step = backend.plan(table)
     new_k = torch.cat([k[c:] for k, c in zip(keys, cached)]).to(device=device, dtype=dtype)
     new_v = torch.cat([v[c:] for v, c in zip(values, cached)]).to(device=device, dtype=dtype)
     step.write_kv(k_cache, v_cache, new_k, new_v)
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_k = k_slots.reshape(-1, num_kv_heads, head_dim)
     slots = torch.as_tensor(table.slot_mapping, device=device)
     assert torch.equal(flat_k[slots], new_k), "new keys did not land in their slots"
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attention_cases import run_case
+from hf_cb.paged_cache import PagedCache
 from hf_cb.torch_backend import TorchAttentionBackend
 
 PS = 4
@@ -54,3 +55,18 @@ def test_reference_would_catch_a_wrong_mask():
         head_dim=16, page_size=PS, dtype=torch.float32, device="cpu", sliding_window=3,
     )
     assert err > 1e-2
+
+
+def test_hnd_pages_seen_token_major():
+    """An HND cache's pages hold each head's tokens contiguously; `token_major` shows them as the
+    NHD cache does, and both check the K/V the model produces alike."""
+    nhd = PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"))
+    hnd = PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="HND")
+    assert hnd.layers[0].keys.shape == (4, 2, PS, 8) and nhd.layers[0].keys.shape == (4, PS, 2, 8)
+    hnd.token_major(hnd.layers[0].keys)[1, 2] = torch.arange(16.0).view(2, 8)
+    assert torch.equal(hnd.layers[0].keys[1, :, 2], torch.arange(16.0).view(2, 8))
+    assert hnd.layers[0].get_max_length() == nhd.layers[0].get_max_length() == 3 * PS
+    with pytest.raises(ValueError, match="K/V of 3 heads x 8, the paged cache holds 2 x 8"):
+        hnd.layers[0].update(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="unknown KV layout"):
+        PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="NDH")

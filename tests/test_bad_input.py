@@ -88,3 +88,11 @@ def test_paged_cache_outside_a_step_is_an_error():
     cache = hf_cb.PagedCache(1, 2, 4, 2, 8, torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="only inside an hf_cb engine step"):
         cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
+
+
+def test_hnd_pages_need_flashinfer(model):
+    with pytest.raises(ValueError, match="kv_layout='HND' needs the FlashInfer backend"):
+        model.generate_batch_continuous([[5, 6]], max_new_tokens=2, engine_config=hf_cb.EngineConfig(kv_layout="HND"))
+    with pytest.raises(ValueError, match="unknown EngineConfig.kv_layout"):
+        hf_cb.EngineConfig(kv_layout="NDH")
+    assert model.generate_batch_continuous([[5, 6]], max_new_tokens=2)[0].token_ids  # the engine still serves

@@ -39,21 +39,23 @@ ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 LOGIT_TOL = 0.02
 
 
-def flashinfer_backend(head_dim, heads, dtype):
+def flashinfer_backend(head_dim, heads, dtype, kv_layout="NHD"):
     return FlashInferBackend(
         num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, page_size=PS, dtype=dtype,
         device=torch.device("cuda"), max_num_seqs=8, max_num_tokens=4096, max_num_page_ids=4096,
+        kv_layout=kv_layout,
     )
 
 
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_flashinfer_step_matches_float64_reference(step, heads, head_dim, dtype):
+def test_flashinfer_step_matches_float64_reference(step, heads, head_dim, dtype, kv_layout):
     q_lens, kv_lens = STEPS[step]
     err = run_case(
-        flashinfer_backend(head_dim, heads, dtype), q_lens, kv_lens, num_heads=heads[0],
+        flashinfer_backend(head_dim, heads, dtype, kv_layout), q_lens, kv_lens, num_heads=heads[0],
         num_kv_heads=heads[1], head_dim=head_dim, page_size=PS, dtype=dtype, device="cuda",
     )
     assert err < ATTN_TOL[dtype]
@@ -87,6 +89,7 @@ MAX_NEW = [(i * 7) % 48 + 1 for i in range(len(PROMPTS))]
 ENGINES = {
     "default": hf_cb.EngineConfig(),
     "preempt-chunked": hf_cb.EngineConfig(num_pages=64, max_num_seqs=12, max_num_batched_tokens=96),
+    "hnd": hf_cb.EngineConfig(kv_layout="HND"),  # pages [heads, tokens, dim], decode graphs, compiled
 }
 
 
@@ -100,7 +103,7 @@ def test_greedy_outputs_are_teacher_forced_argmax(kind, dtype, engine):
     )
     eng = hf_cb.get_engine(model)
     assert type(eng.backend).__name__ == "FlashInferBackend"
-    if engine != "default":
+    if engine == "preempt-chunked":
         assert eng.scheduler.num_preemptions > 0
     worst = 0.0
     for prompt, out, n in zip(PROMPTS, outs, MAX_NEW):
