@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hf_cb
-from sweep import parse_config
 from throughput import ALIASES, build_model, make_workload
+from config_args import parse_config
 from hf_cb.sampling import SamplingParams
 
 
@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--no-async", action="store_true")
     p.add_argument("--trace", default=None, help="write a chrome trace here")
     p.add_argument("--cprofile", action="store_true", help="also print the host's hottest functions in the window")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward (default: the engine decides; on with CUDA graphs)")
     p.add_argument("--no-profiler", action="store_true", help="time the window without the torch profiler's overhead")
     p.add_argument("--config", nargs="*", default=[], help="more EngineConfig field=value")
     p.add_argument("--engines", type=int, default=1,

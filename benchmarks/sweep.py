@@ -15,7 +15,6 @@ import gc
 import itertools
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -24,33 +23,8 @@ from throughput import ALIASES, WORKLOADS, Workload, build_model, make_workload,
     measure_matrix_rate, roofline_tokens_per_s, run_hf_cb
 
 import hf_cb
+from config_args import parse_config, parse_grid
 from hf_cb.stats import StepStats
-
-
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """``name=v1,v2`` pairs into lists of EngineConfig values (ints, booleans, None or strings)."""
-    names = {f.name for f in fields(hf_cb.EngineConfig)}
-    grid = {}
-    for item in items:
-        name, _, values = item.partition("=")
-        if name not in names:
-            raise SystemExit(f"unknown EngineConfig field {name!r}")
-        grid[name] = [_parse_value(v) for v in values.split(",")]
-    return grid
-
-
-def parse_config(items: list[str]) -> dict:
-    """``name=value`` pairs into EngineConfig keyword arguments."""
-    return {name: values[0] for name, values in parse_grid(items).items()}
-
-
-def _parse_value(text: str):
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 def _run_fresh_stats(model, wl: Workload, config: hf_cb.EngineConfig, last: dict) -> list[list[int]]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_cb  # noqa: E402
+from config_args import parse_config  # noqa: E402
 from workloads import (  # noqa: E402,F401 - the other scripts import these from here
     ALIASES, MODELS, WORKLOADS, Workload, build_model, make_workload, measure_bandwidth, measure_matrix_rate,
     median_seconds, roofline_tokens_per_s,
@@ -175,6 +176,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fuse-projections", choices=["off", "on", "both"], default="off",
                    help="q/k/v and gate/up as one GEMM each; both: also a run without")
     p.add_argument("--decode-tensor-cores", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--kv-layout", choices=["NHD", "HND"], default=hf_cb.EngineConfig.kv_layout)
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="FIELD=VALUE",
+                   help="also run hf_cb with these EngineConfig fields changed (repeatable), in the same run")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -198,8 +202,9 @@ def main(argv=None) -> dict:
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async, compile=args.compile,
         decode_tensor_cores={"auto": None, "on": True, "off": False}[args.decode_tensor_cores],
         enable_prefix_caching=args.prefix_caching != "off",
-        fuse_projections=args.fuse_projections != "off",
+        fuse_projections=args.fuse_projections != "off", kv_layout=args.kv_layout,
     )
+    variants = [(" ".join(items), replace(engine_config, **parse_config(items))) for items in args.variant]
 
     results = [measure_hf_cb("hf_cb", model, wl, warm, engine_config, progress)]
     if args.prefix_caching == "both":
@@ -208,6 +213,8 @@ def main(argv=None) -> dict:
     if args.fuse_projections == "both":
         unfused = replace(engine_config, fuse_projections=False)
         results.append(measure_hf_cb("hf_cb, projections not fused", model, wl, warm, unfused, progress))
+    for name, config in variants:
+        results.append(measure_hf_cb(f"hf_cb, {name}", model, wl, warm, config, progress))
     baselines = {"transformers-cb": run_transformers_cb, "transformers-static": run_transformers_static}
     for name, fn in baselines.items():
         if name in args.skip:
