@@ -28,7 +28,8 @@ def timed(fn) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="llama-1b")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward (default: the engine decides; on with CUDA graphs)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     model = build_model(args.model, torch.bfloat16, "cuda")

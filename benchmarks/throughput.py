@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attention-backend", choices=["auto", "flashinfer", "torch"], default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-async", action="store_true", help="no overlap of host scheduling with the GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward (default: the engine decides; on with CUDA graphs)")
     p.add_argument("--prefix-caching", choices=["on", "off", "both"], default="on",
                    help="both: hf_cb with and without prefix caching, in the same run")
     p.add_argument("--fuse-projections", choices=["off", "on", "both"], default="off",

@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kind = ([t for t in typing.get_args(hint) if t is not type(None)] or [hint])[0]
             kwargs["type"] = _boolean if kind is bool else kind
             kwargs["metavar"] = "BOOL" if kind is bool else f.name.upper()
+            if kind is bool:  # a bare --compile means true
+                kwargs["nargs"], kwargs["const"] = "?", True
         group.add_argument(flag, dest=f"engine_{f.name}", **kwargs)
 
 

@@ -74,7 +74,8 @@ class LLMEngine:
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
         if config.fuse_projections and self.tp is None:  # a tensor-parallel shard's weights are DTensors
             self.fused = fuse_projections(model)
-        self.forward = compile_forward(model) if config.compile else model
+        compiles = config.compile if config.compile is not None else self._replays_graphs()
+        self.forward = compile_forward(model) if compiles else model
 
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
@@ -124,15 +125,18 @@ class LLMEngine:
         """Drop what `_build` built (the engine is then `asleep` until the next `_build`)."""
         self.cache = self.manager = self.scheduler = self.runner = None
 
+    def _replays_graphs(self) -> bool:
+        """Whether decode steps replay from CUDA graphs: asked for, on FlashInfer, and not under
+        tensor parallelism (capturing the all-reduces of Transformers' TP layers, NCCL from Python
+        hooks, beside eager steps on the same communicator is not verified)."""
+        return self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend) and self.tp is None
+
     def _capture_graphs(self) -> None:
         """Capture the decode graphs, if the config asks for them and the backend has them."""
-        if not (self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend)):
-            return
-        if self.tp is not None:
-            # Capturing the all-reduces of Transformers' TP layers (NCCL, from Python hooks) in a
-            # graph beside eager steps on the same communicator is not verified: steps run eager.
-            logger.info("hf_cb: no decode CUDA graphs under tensor parallelism (collectives inside graphs are "
-                        "not supported by hf_cb yet); every step runs eager")
+        if not self._replays_graphs():
+            if self.config.cuda_graphs and self.tp is not None:
+                logger.info("hf_cb: no decode CUDA graphs under tensor parallelism (collectives inside graphs "
+                            "are not supported by hf_cb yet); every step runs eager")
             return
         self.runner.graphs = None  # a recapture frees the old graphs' memory first
         start = time.perf_counter()

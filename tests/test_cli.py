@@ -4,6 +4,7 @@ offline `generate_batch_continuous`), and ``serve`` of the embedded default mode
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +15,8 @@ pytest.importorskip("fastapi")  # the serve extra; the GPU machine may not have 
 
 from conftest import DEVICE, QUESTION, chat_word_tokenizer, random_prompts, saved_model, tiny_model, words
 from serve_process import hf_cb, serving
+
+from hf_cb.cli import add_engine_args, engine_config_from
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 51
@@ -140,3 +143,13 @@ def test_serve_default_model_knows_paris(default_server):
         assert r.status_code == 200, r.text
         answer = r.json()["choices"][0]["message"]["content"]
         assert "Paris" in answer, answer
+
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], None), (["--compile"], True), (["--compile", "false"], False)])
+def test_optional_engine_booleans(flags, expected):
+    """``bool | None`` fields: absent leaves the choice to the engine; a bare flag means true."""
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from(parser.parse_args(flags))
+    assert config.compile is expected and config.decode_tensor_cores is None
