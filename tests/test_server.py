@@ -7,6 +7,8 @@ import pytest
 from conftest import random_prompts, words
 from server_support import CHAT_IDS, MESSAGES, NAME, PROMPTS, assert_idle, read_metrics, sse_events
 
+import hf_cb
+
 # The test extra installs both; a machine without them (the GPU one) skips the module.
 pytest.importorskip("openai")
 pytest.importorskip("hf_cb.server")
@@ -157,12 +159,13 @@ def test_metrics_count_requests(served, http, offline):
 
 
 def test_metrics_count_prefix_cache_hits(served, http):
-    prompt = random_prompts(1, 40, 40, seed=77)[0]  # no other test sends it
+    page = hf_cb.EngineConfig().page_size  # the server's
+    prompt = random_prompts(1, 2 * page + 8, 2 * page + 8, seed=77)[0]  # no other test sends it
     before = read_metrics(http)
     for _ in range(2):
         body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
         assert http.post("/v1/completions", json=body).status_code == 200
     after = read_metrics(http)
-    assert after["hf_cb_prefix_cache_queries_total"] - before["hf_cb_prefix_cache_queries_total"] == 80
-    # the second request found the first one's two full pages (page size 16; its last token computed)
-    assert after["hf_cb_prefix_cache_hits_total"] - before["hf_cb_prefix_cache_hits_total"] == 32
+    assert after["hf_cb_prefix_cache_queries_total"] - before["hf_cb_prefix_cache_queries_total"] == 2 * len(prompt)
+    # the second request found the first one's two full pages (its last token is computed)
+    assert after["hf_cb_prefix_cache_hits_total"] - before["hf_cb_prefix_cache_hits_total"] == 2 * page
