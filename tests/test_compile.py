@@ -56,3 +56,12 @@ def test_paged_attention_outside_a_step_raises():
     q = torch.zeros(2, 4, 8)
     with pytest.raises(RuntimeError, match="only inside an engine step"):
         torch.ops.hf_cb.paged_attention(q, q[:, :2], q[:, :2], 0, 1.0, None, None)
+
+
+def test_compile_is_the_engines_choice_by_default():
+    """``compile=None`` compiles only where decode steps replay from CUDA graphs: not on CPU."""
+    model = tiny_model("llama")
+    assert hf_cb.get_engine(model, hf_cb.EngineConfig()).forward is model
+    hf_cb.release(model)
+    assert hf_cb.get_engine(model, hf_cb.EngineConfig(compile=True)).forward is not model
+    hf_cb.release(model)
