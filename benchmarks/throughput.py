@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     p.add_argument("--fuse-projections", choices=["off", "on", "both"], default="off",
                    help="q/k/v and gate/up as one GEMM each; both: also a run without")
     p.add_argument("--decode-tensor-cores", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--kv-layout", choices=["NHD", "HND"], default=hf_cb.EngineConfig.kv_layout)
+    p.add_argument("--kv-layout", choices=["auto", "NHD", "HND"], default=hf_cb.EngineConfig.kv_layout)
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="FIELD=VALUE",
                    help="also run hf_cb with these EngineConfig fields changed (repeatable), in the same run")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")

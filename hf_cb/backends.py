@@ -40,12 +40,12 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         max_num_page_ids=max_num_page_ids,
         prefill_backend=config.prefill_backend,
         decode_tensor_cores=config.decode_tensor_cores,
-        kv_layout=config.kv_layout,
+        kv_layout="HND" if config.kv_layout == "auto" else config.kv_layout,
     )
 
 
 def torch_backend(config: EngineConfig, device: torch.device) -> TorchAttentionBackend:
-    if config.kv_layout != TorchAttentionBackend.kv_layout:
+    if config.kv_layout not in ("auto", TorchAttentionBackend.kv_layout):
         raise ValueError(f"EngineConfig.kv_layout={config.kv_layout!r} needs the FlashInfer backend; the PyTorch "
                          f"backend keeps its pages {TorchAttentionBackend.kv_layout}")
     return TorchAttentionBackend(config.page_size, device)

@@ -89,7 +89,7 @@ MAX_NEW = [(i * 7) % 48 + 1 for i in range(len(PROMPTS))]
 ENGINES = {
     "default": hf_cb.EngineConfig(),
     "preempt-chunked": hf_cb.EngineConfig(page_size=16, num_pages=64, max_num_seqs=12, max_num_batched_tokens=96),
-    "hnd": hf_cb.EngineConfig(kv_layout="HND"),  # pages [heads, tokens, dim], decode graphs, compiled
+    "nhd": hf_cb.EngineConfig(kv_layout="NHD"),  # pages [tokens, heads, dim] (the default is HND)
 }
 
 
