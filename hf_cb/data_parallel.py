@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from .generation_args import per_input, prompts_from_inputs
 from .sampling import random_seed
 from .sequence import Completion
-from .tensor_parallel import tensor_parallel_group
+from .tensor_parallel import broadcast_object, tensor_parallel_group
 
 _cpu_groups: dict[Any, Any] = {}
 
@@ -49,7 +49,7 @@ def generate_data_parallel(model: torch.nn.Module, inputs: Any, generation_confi
     max_new = per_input("max_new_tokens", kwargs.pop("max_new_tokens", None), len(prompts))
     seeds = [random_seed() if s is None else s for s in per_input("seed", kwargs.pop("seed", None), len(prompts))]
     # One rank decides: every replica works on rank 0's requests, with rank 0's seeds.
-    prompts, max_new, seeds = _broadcast((prompts, max_new, seeds), control)
+    prompts, max_new, seeds = broadcast_object((prompts, max_new, seeds), control)
     replica, num_replicas, is_first = _replica(model, control)
     costs = _token_costs(generation_config or model.generation_config, prompts, max_new)
     mine = shard_by_tokens(costs, num_replicas)[replica]
@@ -84,12 +84,6 @@ def _replica(model: torch.nn.Module, control: Any) -> tuple[int, int, bool]:
     dist.all_gather_object(firsts, first, group=control)
     order = sorted(set(firsts))
     return order.index(first), len(order), first == dist.get_rank()
-
-
-def _broadcast(obj: Any, group: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    return box[0]
 
 
 def _cpu_group(group: Any) -> Any:

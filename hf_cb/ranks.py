@@ -88,13 +88,12 @@ class Replicas:
     def __init__(self, tp_size: int):
         import torch.distributed as dist
 
-        self._dist = dist
         firsts = list(range(0, dist.get_world_size(), tp_size))
         self.group = dist.new_group(firsts, backend="gloo", timeout=_IDLE_TIMEOUT, use_local_synchronization=True)
         self.is_first = dist.get_rank() == 0
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's ``obj``, on every replica's first rank (they wait here until rank 0 sends)."""
-        box = [obj]
-        self._dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        from .tensor_parallel import broadcast_object
+
+        return broadcast_object(obj, self.group)

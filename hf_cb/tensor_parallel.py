@@ -66,6 +66,13 @@ def follows(model: torch.nn.Module) -> bool:
     return group is not None and dist.get_rank(group) != 0
 
 
+def broadcast_object(obj: Any, group: "dist.ProcessGroup") -> Any:
+    """The ``obj`` of ``group``'s first rank, on every rank of ``group`` (the others pass anything)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def schedule_digest(seq_ids: list[int], num_new_tokens: list[int]) -> int:
     """What identifies a step's schedule across processes (hashes of ints are not salted)."""
     return hash((tuple(seq_ids), tuple(num_new_tokens)))
@@ -89,9 +96,7 @@ class TensorParallel:
         return self.rank == 0
 
     def _broadcast(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.src, group=self.control)
-        return box[0]
+        return broadcast_object(obj, self.control)
 
     def agree(self, config: Any, num_pages: int) -> int:
         """At build: raise unless this rank's engine config is rank 0's; return the smallest
