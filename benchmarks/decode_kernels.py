@@ -1,6 +1,7 @@
 """FlashInfer decode attention, per workload: KV layout, kernel and page size, measured.
 
     FLASHINFER_DISABLE_JIT=1 python benchmarks/decode_kernels.py
+    FLASHINFER_DISABLE_JIT=1 python benchmarks/decode_kernels.py --graphs
 
 For the decode steps of W1, W2 and W4 (and W1 on qwen3-0.6b), one layer's decode attention over
 pages in random order, for each KV layout (``NHD``: a page is [tokens, heads, dim]; ``HND``:
@@ -8,6 +9,13 @@ pages in random order, for each KV layout (``NHD``: a page is [tokens, heads, di
 through the fa2 or fa3 prefill kernels) and page size. Median of CUDA-event-timed runs of
 ``wrapper.run`` after one ``plan``; "TB/s" counts the K and V read. Variants whose kernels are
 not prebuilt fail under ``FLASHINFER_DISABLE_JIT=1`` and are reported as such.
+
+``--graphs`` measures what the engine's decode graphs run: wrappers built with
+``use_cuda_graph=True``, planned for the capture on dummy rows, then re-planned with the step's
+rows and replayed; a graph holds one run per layer over ``--layers`` separate caches (so the
+L2 cache does not serve the KV), and the time is per layer. Kernels there are the CUDA-core
+decode kernel and the tensor-core one with the planner's split of the KV (``tc``) or without
+(``tc-nosplit``, ``disable_split_kv``): in a graph the planner always runs the merge kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +33,12 @@ STEPS = {
     "W2 llama-1b": (32, 8, 64, 32, (256, 1280)),
     "W4 llama-8b": (32, 8, 128, 1024, (60, 386)),
     "W1 qwen3-0.6b": (16, 8, 128, 256, (100, 2048)),
+    # a W2 step as it runs: every row the same length (step 600)
+    "W2 llama-1b @600": (32, 8, 64, 32, (856, 856)),
+    "16 rows llama-1b": (32, 8, 64, 16, (1024, 4096)),
+    "64 rows llama-1b": (32, 8, 64, 64, (256, 2048)),
 }
+GRAPH_KERNELS = {"cuda-core": (False, {}), "tc": (True, {}), "tc-nosplit": (True, {"disable_split_kv": True})}
 KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_cores=True, backend="fa2"),
            "tc-fa3": dict(use_tensor_cores=True, backend="fa3")}
 
@@ -50,11 +63,84 @@ def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel):
     return lambda: wrapper.run(q, (k, v))
 
 
+def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kernel):
+    """Replay a CUDA graph of one decode per layer, planned as the engine plans its graphs."""
+    import flashinfer
+
+    tensor_cores, options = GRAPH_KERNELS[kernel]
+    b = len(kv_lens)
+    pages_per_seq = [-(-n // page_size) for n in kv_lens]
+    num_pages = sum(pages_per_seq) + 1  # the last: the capture's scratch page
+    ids = list(range(num_pages - 1))
+    random.Random(0).shuffle(ids)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    indptr, indices, last = torch.zeros(b + 1, **i32), torch.zeros(num_pages, **i32), torch.zeros(b, **i32)
+    torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
+    page = (num_pages, kv_heads, page_size, head_dim)
+    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda") for _ in "kv") for _ in range(layers)]
+    q = torch.randn(b, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
+
+    def plan(ptr, idx, lst):
+        wrapper.plan(ptr, idx, lst, heads, kv_heads, head_dim, page_size, q_data_type=torch.bfloat16,
+                     kv_data_type=torch.bfloat16, **options)
+
+    scratch = num_pages - 1
+    plan(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), scratch, **i32), torch.ones(b, dtype=torch.int32))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for cache in caches:
+            wrapper.run(q, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = [wrapper.run(q, cache) for cache in caches]
+    last_len = [n - (p - 1) * page_size for n, p in zip(kv_lens, pages_per_seq)]
+    plan(torch.tensor([0] + list(torch.tensor(pages_per_seq).cumsum(0)), dtype=torch.int32),
+         torch.tensor(ids, **i32), torch.tensor(last_len, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay, out[0]
+
+
+def graphs_main(args) -> None:
+    print(f"{torch.cuda.get_device_name()}, HND, CUDA-graph replay, {args.layers} layers a graph")
+    print("| step | page | kernel | ms/layer | TB/s of KV | max abs diff vs tc |")
+    print("|---|---|---|---|---|---|")
+    for name in args.steps:
+        heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
+        rng = random.Random(0)
+        kv_lens = [rng.randint(lo, hi) for _ in range(rows)]
+        kv_bytes = sum(kv_lens) * 2 * kv_heads * head_dim * 2
+        for page_size in args.page_sizes:
+            reference = None
+            for kernel in ("tc", "tc-nosplit", "cuda-core"):
+                try:
+                    replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel)
+                    ms = median_seconds(replay, warmup=5, reps=50) * 1e3 / args.layers
+                except Exception as e:
+                    print(f"| {name} | {page_size} | {kernel} | failed: {str(e).splitlines()[0][:80]} | | |")
+                    continue
+                reference = out.clone() if reference is None else reference
+                diff = (out.float() - reference.float()).abs().max().item()
+                print(f"| {name} | {page_size} | {kernel} | {ms:.4f} | {kv_bytes / ms / 1e9:.2f} | {diff:.2e} |")
+                del replay, out
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    p.add_argument("--graphs", action="store_true", help="replay engine-style decode graphs (HND)")
+    p.add_argument("--layers", type=int, default=4, help="with --graphs: layers (caches) per graph")
     args = p.parse_args()
+    if args.graphs:
+        return graphs_main(args)
     print(torch.cuda.get_device_name())
     print("| step | page | layout | kernel | ms/layer | TB/s of KV |")
     print("|---|---|---|---|---|---|")
