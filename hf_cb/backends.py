@@ -40,6 +40,7 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         max_num_page_ids=max_num_page_ids,
         prefill_backend=config.prefill_backend,
         decode_tensor_cores=config.decode_tensor_cores,
+        decode_split_kv=config.decode_split_kv,
         kv_layout="HND" if config.kv_layout == "auto" else config.kv_layout,
     )
 

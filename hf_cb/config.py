@@ -33,6 +33,9 @@ class EngineConfig:
             ``"fa2"``, or ``"auto"`` (fa3 for bf16 on Hopper, else fa2).
         decode_tensor_cores: FlashInfer decode on tensor cores (its prefill kernels); None
             decides by the GQA group size.
+        decode_split_kv: whether a decode CUDA graph on tensor cores may split a row's KV
+            over several CTAs (then merged by a second kernel). ``None``: only in graphs whose
+            rows leave SMs without work (`flashinfer_backend.graph_split_kv`).
         kv_layout: how a KV page is laid out: ``"NHD"`` ([tokens, heads, dim]) or ``"HND"``
             ([heads, tokens, dim], FlashInfer only). ``"auto"``: HND on FlashInfer, which reads
             it faster at 64-token pages (W1 on llama-1b +3 %, qwen3-0.6b +2 %; README), NHD on
@@ -67,6 +70,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "flashinfer", "torch"] = "auto"
     prefill_backend: Literal["auto", "fa2", "fa3"] = "auto"
     decode_tensor_cores: bool | None = None
+    decode_split_kv: bool | None = None
     kv_layout: Literal["auto", "NHD", "HND"] = "auto"
     cuda_graphs: bool = True
     compile: bool | None = None

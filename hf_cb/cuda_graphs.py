@@ -134,7 +134,8 @@ class GraphDecodeStep:
         self.host_indptr = self.dev_indices = self.host_last = None
 
     def plan(self, kind: Kind) -> None:
-        self.graphs.backend.plan_decode(self.wrappers[kind], kind, self.host_indptr, self.dev_indices, self.host_last)
+        self.graphs.backend.plan_decode(self.wrappers[kind], kind, self.host_indptr, self.dev_indices, self.host_last,
+                                        graph_rows=self.batch_size)
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         import flashinfer

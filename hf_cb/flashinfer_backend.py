@@ -26,6 +26,16 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Kind = tuple  # (sliding_window, softcap, scaling)
 
 
+def graph_split_kv(batch_size: int, num_kv_heads: int, num_sms: int, requested: bool | None = None) -> bool:
+    """Whether a tensor-core decode graph of ``batch_size`` rows lets FlashInfer split each row's
+    KV. In a graph the planner always launches the merge kernel, but it splits only up to about
+    two CTAs per SM in all: once the rows alone give every SM a CTA, a split adds little work
+    to spread and the merge still costs a launch and a pass over the output per layer."""
+    if requested is not None:
+        return requested
+    return batch_size * num_kv_heads <= num_sms
+
+
 def unsupported_reason(dtype: torch.dtype, head_dim: int) -> str | None:
     """Why FlashInfer cannot serve this model, or None."""
     try:
@@ -54,6 +64,7 @@ class FlashInferBackend:
         max_num_page_ids: int,
         prefill_backend: str = "auto",
         decode_tensor_cores: bool | None = None,
+        decode_split_kv: bool | None = None,
         kv_layout: str = "NHD",
     ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -68,6 +79,8 @@ class FlashInferBackend:
         if decode_tensor_cores is None:
             decode_tensor_cores = num_heads // num_kv_heads >= 2
         self.use_tensor_cores = decode_tensor_cores
+        self.decode_split_kv = decode_split_kv
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.kv_layout = kv_layout  # "NHD" or "HND": how the pages are laid out
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         i32 = torch.int32
@@ -98,9 +111,15 @@ class FlashInferBackend:
             step.wrappers(kind)
         return step
 
-    def plan_decode(self, wrapper, kind: Kind, kv_indptr, kv_indices, kv_last_page_len) -> None:
-        """Plan a decode wrapper (eager or CUDA-graph) for one kind of layer."""
-        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, *self._shape(), **self._options(kind))
+    def plan_decode(self, wrapper, kind: Kind, kv_indptr, kv_indices, kv_last_page_len,
+                    graph_rows: int | None = None) -> None:
+        """Plan a decode wrapper for one kind of layer; ``graph_rows``: the rows of the CUDA
+        graph it serves (None: eager, where the planner splits the KV only when it pays)."""
+        options = self._options(kind)
+        if graph_rows is not None and self.use_tensor_cores:
+            split = graph_split_kv(graph_rows, self.num_kv_heads, self.num_sms, self.decode_split_kv)
+            options["disable_split_kv"] = not split
+        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, *self._shape(), **options)
 
     def plan_prefill(self, wrapper, kind: Kind, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> None:
         """Plan a causal prefill wrapper for one kind of layer."""

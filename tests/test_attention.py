@@ -70,3 +70,15 @@ def test_hnd_pages_seen_token_major():
         hnd.layers[0].update(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
     with pytest.raises(ValueError, match="unknown KV layout"):
         PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="NDH")
+
+
+def test_decode_graphs_split_the_kv_only_where_rows_leave_sms_idle():
+    from hf_cb.flashinfer_backend import graph_split_kv
+
+    # llama-1b (8 KV heads) on an H200 (132 SMs): 16 rows give 128 CTAs, fewer than the SMs;
+    # 32 rows (W2) give 256 and run unsplit, without the merge kernel.
+    assert graph_split_kv(16, 8, 132)
+    assert not graph_split_kv(32, 8, 132)
+    assert not graph_split_kv(256, 8, 132)
+    assert graph_split_kv(64, 2, 132)  # two KV heads: 128 CTAs
+    assert graph_split_kv(256, 8, 132, requested=True) and not graph_split_kv(2, 8, 132, requested=False)
