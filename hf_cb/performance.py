@@ -10,6 +10,11 @@ from contextlib import contextmanager
 
 import torch
 
+# Inductor's options for a forward compiled on CUDA. combo_kernels launches independent small
+# kernels as one (each layer's rotary embedding of q and of k): on llama-1b, W2 20,872 tok/s
+# against 20,301 without and W1 42,733 against 42,345, in the same run (H200; README).
+CUDA_INDUCTOR_OPTIONS = {"combo_kernels": True}
+
 
 def compile_forward(model: torch.nn.Module, backend="inductor", fullgraph: bool = False):
     """``torch.compile`` of the model's own forward, shapes dynamic (the step size varies). The
@@ -17,7 +22,9 @@ def compile_forward(model: torch.nn.Module, backend="inductor", fullgraph: bool 
     graph, once: callers keep every step size at 2 or more (sizes 0 and 1 are specialised)."""
     import torch.fx.experimental._config as fx_config
 
-    compiled = torch.compile(model, dynamic=True, backend=backend, fullgraph=fullgraph)
+    on_cuda = next(model.parameters()).is_cuda
+    options = dict(CUDA_INDUCTOR_OPTIONS) if backend == "inductor" and on_cuda and CUDA_INDUCTOR_OPTIONS else None
+    compiled = torch.compile(model, dynamic=True, backend=backend, fullgraph=fullgraph, options=options)
 
     def forward(*args, **kwargs):
         # Duck sizing gives input dims of equal size one symbol; when one of them is then

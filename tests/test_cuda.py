@@ -90,6 +90,7 @@ ENGINES = {
     "default": hf_cb.EngineConfig(),
     "preempt-chunked": hf_cb.EngineConfig(page_size=16, num_pages=64, max_num_seqs=12, max_num_batched_tokens=96),
     "nhd": hf_cb.EngineConfig(kv_layout="NHD"),  # pages [tokens, heads, dim] (the default is HND)
+    "split-kv": hf_cb.EngineConfig(decode_split_kv=True),  # every decode graph may split the KV
 }
 
 
