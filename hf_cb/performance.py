@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 
 # Inductor's options for a forward compiled on CUDA. combo_kernels launches independent small
-# kernels as one (each layer's rotary embedding of q and of k): on llama-1b, W2 20,872 tok/s
+# kernels as one (such as each layer's rotary embedding of q and of k): on llama-1b, W2 20,872 tok/s
 # against 20,301 without and W1 42,733 against 42,345, in the same run (H200; README).
 CUDA_INDUCTOR_OPTIONS = {"combo_kernels": True}
 
