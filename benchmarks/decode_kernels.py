@@ -107,15 +107,20 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     return graph.replay, out[0]
 
 
+def step_lengths(name: str) -> tuple[int, int, int, list[int], int]:
+    """A named step's (query heads, KV heads, head dim, context lengths, bytes of K and V)."""
+    heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
+    rng = random.Random(0)
+    kv_lens = [rng.randint(lo, hi) for _ in range(rows)]
+    return heads, kv_heads, head_dim, kv_lens, sum(kv_lens) * 2 * kv_heads * head_dim * 2
+
+
 def graphs_main(args) -> None:
     print(f"{torch.cuda.get_device_name()}, HND, CUDA-graph replay, {args.layers} layers a graph")
     print("| step | page | kernel | ms/layer | TB/s of KV | max abs diff vs tc |")
     print("|---|---|---|---|---|---|")
     for name in args.steps:
-        heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
-        rng = random.Random(0)
-        kv_lens = [rng.randint(lo, hi) for _ in range(rows)]
-        kv_bytes = sum(kv_lens) * 2 * kv_heads * head_dim * 2
+        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
         for page_size in args.page_sizes:
             reference = None
             for kernel in ("tc", "tc-nosplit", "cuda-core"):
@@ -145,10 +150,7 @@ def main() -> None:
     print("| step | page | layout | kernel | ms/layer | TB/s of KV |")
     print("|---|---|---|---|---|---|")
     for name in args.steps:
-        heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
-        rng = random.Random(0)
-        kv_lens = [rng.randint(lo, hi) for _ in range(rows)]
-        kv_bytes = sum(kv_lens) * 2 * kv_heads * head_dim * 2
+        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
         for page_size in args.page_sizes:
             for layout in ("NHD", "HND"):
                 for kernel in KERNELS:
