@@ -43,7 +43,8 @@ class EngineConfig:
         cuda_graphs: replay decode steps from CUDA graphs (CUDA with FlashInfer only).
         compile: ``torch.compile`` the model's forward, as one graph (each layer's attention is
             one opaque op); pays off with CUDA graphs, where it fuses the small kernels (W1 on
-            llama-1b: 41k tok/s against 29k). ``None``: on wherever decode steps replay from CUDA
+            llama-1b: 41k tok/s against 29k); on CUDA with Inductor's combo kernels
+            (`performance.CUDA_INDUCTOR_OPTIONS`). ``None``: on wherever decode steps replay from CUDA
             graphs, off elsewhere. A compiled llama-1b engine starts in 14 s from a warm compile
             cache and in 41 s from a cold one (H200; README).
         fuse_projections: inside engine steps, compute q/k/v and gate/up (Llama's naming) as
