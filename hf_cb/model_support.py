@@ -119,30 +119,28 @@ def _shard_heads(model: torch.nn.Module, heads: int, kv_heads: int, tp_size: int
 
 
 class RecordingStep:
-    """A backend step that counts, per cache layer, the calls of `write_kv` and `attend`.
-
-    Layers are told apart by their page tensors, which `paged_attention` takes by the attention
-    module's ``layer_idx`` (key None: pages of no layer)."""
+    """A backend step that counts, per cache layer, the calls of `paged_attention`: each writes
+    the layer's K/V (`write_kv`), then attends over its pages (`attend`), so counting the
+    attends counts both. Layers are told apart by their page tensors, which `paged_attention`
+    takes by the attention module's ``layer_idx``."""
 
     def __init__(self, step: AttentionStep, cache: PagedCache):
         self.step = step
         self._layer_of = {(id(layer.keys), id(layer.values)): i for i, layer in enumerate(cache.layers)}
-        self.writes: Counter[int | None] = Counter()
-        self.attends: Counter[int | None] = Counter()
+        self.calls: Counter[int] = Counter()
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
-        self.writes[self._layer_of.get((id(k_cache), id(v_cache)))] += 1
         self.step.write_kv(k_cache, v_cache, key, value)
 
     def attend(self, query, k_cache, v_cache, **kwargs) -> torch.Tensor:
-        self.attends[self._layer_of.get((id(k_cache), id(v_cache)))] += 1
+        self.calls[self._layer_of[(id(k_cache), id(v_cache))]] += 1
         return self.step.attend(query, k_cache, v_cache, **kwargs)
 
 
 def probe_attention(model: torch.nn.Module) -> bool:
     """Run one tiny step (two short prompts packed in one row) through hf_cb's attention;
-    raise `ModelNotSupported` unless every attention layer wrote its K/V once through the
-    Cache and attended over those pages through the ``"hf_cb"`` function, and the logits match
+    raise `ModelNotSupported` unless every attention layer called the ``"hf_cb"`` function (which
+    writes its K/V into the layer's pages and attends over them) exactly once, and the logits match
     the model's own forward. The model is left as it was (attention implementation, modes).
 
     Returns whether the engine must install `add_step_hooks`: True for a model whose decoder
@@ -272,7 +270,7 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
         raise
     except Exception as error:  # the model's own code failed on hf_cb's inputs: say where
         raise ModelNotSupported(
-            f"{name} failed a probe step through hf_cb's attention after {len(step.attends)} of "
+            f"{name} failed a probe step through hf_cb's attention after {len(step.calls)} of "
             f"{shape.num_layers} layers called the attention interface with hf_cb's step: "
             f"{type(error).__name__}: {error}"
         ) from error
@@ -280,7 +278,7 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
 
 
 def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
-    missing = [i for i in range(num_layers) if step.attends[i] == 0]
+    missing = [i for i in range(num_layers) if step.calls[i] == 0]
     if missing:
         raise ModelNotSupported(
             f"{name}: {len(missing)} of {num_layers} attention layers did not call the attention interface "
@@ -288,7 +286,7 @@ def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
         )
     # Each call writes the layer's K/V: a second call in one step (two modules with one
     # layer_idx) would overwrite the first's.
-    repeated = [i for i in range(num_layers) if step.writes[i] > 1]
+    repeated = [i for i in range(num_layers) if step.calls[i] > 1]
     if repeated:
         raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step")
 

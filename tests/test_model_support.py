@@ -109,6 +109,14 @@ def test_layer_that_skips_the_attention_interface_is_refused(monkeypatch):
     )
 
 
+def test_layer_that_attends_twice_in_one_step_is_refused(monkeypatch):
+    model = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    once = attention.forward
+    monkeypatch.setattr(attention, "forward", lambda *a, **k: (once(*a, **k), once(*a, **k))[1])
+    assert_refused(model, r"LlamaForCausalLM: attention layers \[0\] wrote K/V more than once in one step")
+
+
 def test_positions_not_taken_from_position_ids_are_refused(monkeypatch):
     model = model_from_config(BioGptConfig(**_MHA))
     inner = model.biogpt.forward
