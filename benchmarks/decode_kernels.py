@@ -43,15 +43,22 @@ KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_
            "tc-fa3": dict(use_tensor_cores=True, backend="fa3")}
 
 
+def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Host int32 ``kv_indptr``, the page ids in random order (as a long-running engine's are)
+    and host int32 ``kv_last_page_len`` of sequences of ``kv_lens`` tokens."""
+    pages_per_seq = [-(-n // page_size) for n in kv_lens]
+    ids = list(range(sum(pages_per_seq)))
+    random.Random(0).shuffle(ids)
+    indptr = torch.tensor([0] + list(torch.tensor(pages_per_seq).cumsum(0)), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size for n, p in zip(kv_lens, pages_per_seq)], dtype=torch.int32)
+    return indptr, ids, last
+
+
 def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel):
     import flashinfer
 
-    pages_per_seq = [-(-n // page_size) for n in kv_lens]
-    num_pages = sum(pages_per_seq)
-    ids = list(range(num_pages))
-    random.Random(0).shuffle(ids)  # pages of a long-running engine are scattered
-    indptr = torch.tensor([0] + list(torch.tensor(pages_per_seq).cumsum(0)), dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * page_size for n, p in zip(kv_lens, pages_per_seq)], dtype=torch.int32)
+    indptr, ids, last = scattered_pages(kv_lens, page_size)
+    num_pages = len(ids)
     page = (page_size, kv_heads, head_dim) if layout == "NHD" else (kv_heads, page_size, head_dim)
     k = torch.randn(num_pages, *page, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -69,10 +76,8 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
 
     tensor_cores, options = GRAPH_KERNELS[kernel]
     b = len(kv_lens)
-    pages_per_seq = [-(-n // page_size) for n in kv_lens]
-    num_pages = sum(pages_per_seq) + 1  # the last: the capture's scratch page
-    ids = list(range(num_pages - 1))
-    random.Random(0).shuffle(ids)
+    step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
+    num_pages = len(ids) + 1  # the last: the capture's scratch page
     i32 = dict(dtype=torch.int32, device="cuda")
     indptr, indices, last = torch.zeros(b + 1, **i32), torch.zeros(num_pages, **i32), torch.zeros(b, **i32)
     torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
@@ -99,9 +104,7 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = [wrapper.run(q, cache) for cache in caches]
-    last_len = [n - (p - 1) * page_size for n, p in zip(kv_lens, pages_per_seq)]
-    plan(torch.tensor([0] + list(torch.tensor(pages_per_seq).cumsum(0)), dtype=torch.int32),
-         torch.tensor(ids, **i32), torch.tensor(last_len, dtype=torch.int32))
+    plan(step_indptr, torch.tensor(ids, **i32), step_last)
     graph.replay()
     torch.cuda.synchronize()
     return graph.replay, out[0]
