@@ -2,8 +2,8 @@
 
 Each layer holds a key and a value tensor of ``[num_pages + 1, page_size, kv_heads, head_dim]``
 (``NHD``) or ``[num_pages + 1, kv_heads, page_size, head_dim]`` (``HND``, where each head's
-tokens of a page are contiguous; the backend picks). The extra last page belongs to no sequence: padded rows of a
-captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` before its
+tokens of a page are contiguous; the backend picks). The extra last page belongs to no
+sequence: padded rows of a captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` before its
 attention function; inside an engine step ``update`` checks the K/V's shape and returns them as
 they came, and the ``"hf_cb"`` attention function writes them into the layer's pages and attends
 over those in one op (`paged_attention`), which keeps the write before the read in a compiled

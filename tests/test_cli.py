@@ -145,7 +145,6 @@ def test_serve_default_model_knows_paris(default_server):
         assert "Paris" in answer, answer
 
 
-
 @pytest.mark.parametrize(("flags", "expected"), [([], None), (["--compile"], True), (["--compile", "false"], False)])
 def test_optional_engine_booleans(flags, expected):
     """``bool | None`` fields: absent leaves the choice to the engine; a bare flag means true."""
