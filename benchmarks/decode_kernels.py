@@ -16,8 +16,8 @@ rows and replayed; a graph holds one run per layer over ``--layers`` separate ca
 L2 cache does not serve the KV), and the time is per layer. Kernels there are the CUDA-core
 decode kernel and the tensor-core one with the planner's split of the KV (``tc``) or without
 (``tc-nosplit``, ``disable_split_kv``): in a graph the planner always runs the merge kernel.
-``tc-chunksN`` is hf_cb's own split (`hf_cb.kv_chunks`): each row's pages as N pseudo-rows of the
-unsplit kernel, the query copied to each, the parts merged by their log-sum-exp.
+(A split of hf_cb's own, each row's pages as pseudo-rows merged by log-sum-exp, was measured with
+this script at commit ec10198 and was slower everywhere: ``results/h200_decode_chunks.txt``.)
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ STEPS = {
     "64 rows llama-1b": (32, 8, 64, 64, (256, 2048)),
 }
 GRAPH_KERNELS = {"cuda-core": (False, {}), "tc": (True, {}), "tc-nosplit": (True, {"disable_split_kv": True})}
-# hf_cb's own split (kv_chunks): each row's pages as this many pseudo-rows, merged by log-sum-exp
-GRAPH_CHUNKS = {f"tc-chunks{c}": c for c in (2, 4, 8)}
 KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_cores=True, backend="fa2"),
            "tc-fa3": dict(use_tensor_cores=True, backend="fa3")}
 
@@ -78,24 +76,12 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     """Replay a CUDA graph of one decode per layer, planned as the engine plans its graphs."""
     import flashinfer
 
-    from hf_cb.kv_chunks import chunk_table, merge_chunks
-
-    chunks = GRAPH_CHUNKS.get(kernel, 1)
-    tensor_cores, options = GRAPH_KERNELS.get(kernel, (True, {"disable_split_kv": True}))
+    tensor_cores, options = GRAPH_KERNELS[kernel]
     b = len(kv_lens)
     step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
-    scratch = len(ids)  # the last page: the capture's scratch page
-    num_pages = len(ids) + 1
-    if chunks > 1:
-        step_indptr, ids, step_last, valid = chunk_table(step_indptr.numpy(), torch.tensor(ids).numpy(),
-                                                         step_last.numpy(), chunks, page_size, scratch)
-        step_indptr, step_last = torch.from_numpy(step_indptr), torch.from_numpy(step_last)
-        valid = torch.from_numpy(valid).cuda()
-        ids = ids.tolist()
-    rows = b * chunks
+    num_pages = len(ids) + 1  # the last: the capture's scratch page
     i32 = dict(dtype=torch.int32, device="cuda")
-    indptr, last = torch.zeros(rows + 1, **i32), torch.zeros(rows, **i32)
-    indices = torch.zeros(len(ids) + rows, **i32)
+    indptr, indices, last = torch.zeros(b + 1, **i32), torch.zeros(num_pages, **i32), torch.zeros(b, **i32)
     torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
     page = (num_pages, kv_heads, page_size, head_dim)
     caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda") for _ in "kv") for _ in range(layers)]
@@ -109,28 +95,18 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
         wrapper.plan(ptr, idx, lst, heads, kv_heads, head_dim, page_size, q_data_type=torch.bfloat16,
                      kv_data_type=torch.bfloat16, **options)
 
-    def attend(cache):
-        if chunks == 1:
-            return wrapper.run(q, cache)
-        out, lse = wrapper.run(q.repeat_interleave(chunks, dim=0), cache, return_lse=True)
-        return merge_chunks(out, lse, valid, chunks)
-
-    if chunks > 1:
-        valid_step, valid = valid, torch.ones(rows, **i32)
-    plan(torch.arange(rows + 1, dtype=torch.int32), torch.full((rows,), scratch, **i32),
-         torch.ones(rows, dtype=torch.int32))
+    scratch = num_pages - 1
+    plan(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), scratch, **i32), torch.ones(b, dtype=torch.int32))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for cache in caches:
-            attend(cache)
+            wrapper.run(q, cache)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = [attend(cache) for cache in caches]
+        out = [wrapper.run(q, cache) for cache in caches]
     plan(step_indptr, torch.tensor(ids, **i32), step_last)
-    if chunks > 1:
-        valid.copy_(valid_step)
     graph.replay()
     torch.cuda.synchronize()
     return graph.replay, out[0]
@@ -152,7 +128,7 @@ def graphs_main(args) -> None:
         heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
         for page_size in args.page_sizes:
             reference = None
-            for kernel in ("tc", "tc-nosplit", *GRAPH_CHUNKS):
+            for kernel in ("tc", "tc-nosplit", "cuda-core"):
                 try:
                     replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel)
                     ms = median_seconds(replay, warmup=5, reps=50) * 1e3 / args.layers
