@@ -24,6 +24,8 @@ import triton.language as tl
 
 from throughput import median_seconds  # first: puts the repository on sys.path
 
+from hf_cb.sampling import two_pass_argmax
+
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}
 
@@ -52,13 +54,6 @@ def skinny_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = x.new_empty((M, N))
     _skinny_mm[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=max(16, triton.next_power_of_2(M)))
     return y
-
-
-def two_pass_argmax(logits: torch.Tensor, parts: int) -> torch.Tensor:
-    rows, vocab = logits.shape
-    best, index = logits.view(rows, parts, vocab // parts).max(dim=-1)
-    part = best.argmax(dim=-1)
-    return index.gather(1, part[:, None])[:, 0] + part * (vocab // parts)
 
 
 def graph_time(fn, reps: int) -> float:

@@ -15,6 +15,7 @@ import torch
 from .flashinfer_backend import FlashInferBackend, Kind
 from .manager import PageTable
 from .paged_cache import PagedCache
+from .sampling import greedy_tokens
 from .staging import Staging
 from .step_forward import forward_step
 
@@ -78,7 +79,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = self._forward(step)
-                self.tokens[b] = logits.argmax(dim=-1)
+                self.tokens[b] = greedy_tokens(logits)
             self.pool = graph.pool()
             self.graphs[b], self.logits[b] = graph, logits
         torch.cuda.synchronize()

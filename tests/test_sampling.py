@@ -139,3 +139,20 @@ def test_greedy_repetition_penalty_and_min_new_tokens_equal_generate(llama):
     ours = llama.generate_batch_continuous([prompt], min_new_tokens=4, **kw)[0].token_ids
     assert first not in ours[:4]
     assert ours == reference_generate(llama, prompt, min_new_tokens=4, **kw)
+
+
+@pytest.mark.parametrize("rows,vocab", [(3, 1024), (32, 4096), (64, 4096), (200, 4096), (8, 1001)])
+def test_greedy_tokens_is_argmax_with_ties(rows, vocab):
+    # The two-pass argmax of a few rows must pick argmax's token, the first of tied maxima,
+    # whether the tie is within one part or across parts.
+    from hf_cb.sampling import argmax_parts, greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, vocab, generator=g)
+    top = logits.max() + 1
+    logits[0, [5, 6]] = top  # one part
+    logits[1, [vocab - 1, 9]] = top  # across parts: the earlier index wins
+    if rows > 2:
+        logits[2, :] = 0.0  # a row of equal values: index 0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert (argmax_parts(rows, vocab) > 1) == (rows <= 64 and vocab % 16 == 0)
