@@ -205,17 +205,15 @@ def main(argv=None) -> dict:
         enable_prefix_caching=args.prefix_caching != "off",
         fuse_projections=args.fuse_projections != "off", kv_layout=args.kv_layout,
     )
-    variants = [(" ".join(items), replace(engine_config, **parse_config(items))) for items in args.variant]
-
-    results = [measure_hf_cb("hf_cb", model, wl, warm, engine_config, progress)]
+    # hf_cb's runs, in order: the configuration asked for, then each variant of it.
+    runs = [("hf_cb", engine_config)]
     if args.prefix_caching == "both":
-        no_cache = replace(engine_config, enable_prefix_caching=False)
-        results.append(measure_hf_cb("hf_cb, no prefix caching", model, wl, warm, no_cache, progress))
+        runs.append(("hf_cb, no prefix caching", replace(engine_config, enable_prefix_caching=False)))
     if args.fuse_projections == "both":
-        unfused = replace(engine_config, fuse_projections=False)
-        results.append(measure_hf_cb("hf_cb, projections not fused", model, wl, warm, unfused, progress))
-    for name, config in variants:
-        results.append(measure_hf_cb(f"hf_cb, {name}", model, wl, warm, config, progress))
+        runs.append(("hf_cb, projections not fused", replace(engine_config, fuse_projections=False)))
+    runs += [(f"hf_cb, {' '.join(items)}", replace(engine_config, **parse_config(items))) for items in args.variant]
+
+    results = [measure_hf_cb(name, model, wl, warm, config, progress) for name, config in runs]
     baselines = {"transformers-cb": run_transformers_cb, "transformers-static": run_transformers_static}
     for name, fn in baselines.items():
         if name in args.skip:
