@@ -65,3 +65,23 @@ def test_compile_is_the_engines_choice_by_default():
     hf_cb.release(model)
     assert hf_cb.get_engine(model, hf_cb.EngineConfig(compile=True)).forward is not model
     hf_cb.release(model)
+
+
+@pytest.mark.parametrize("embed_outside", [False, True])
+@pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2 scales its embeddings in the forward
+def test_embedding_outside_the_compiled_forward(name, embed_outside, monkeypatch):
+    """With Inductor on CUDA the tokens are looked up before the compiled forward, which gets
+    ``inputs_embeds`` (Inductor's tuning of the lookup fused into the first norm varied between
+    processes): the graph holds no embedding, and the output is unchanged."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(hf_cb.engine, "compile_forward",
+                        partial(compile_forward, backend=counter, embed_outside=embed_outside))
+    torch._dynamo.reset()
+    model = tiny_model(name)
+    refs = [reference_generate(model, p, max_new_tokens=MAX_NEW, do_sample=False) for p in PROMPTS]
+    config = hf_cb.EngineConfig(compile=True, page_size=8, max_num_batched_tokens=64)
+    outs = model.generate_batch_continuous(PROMPTS, max_new_tokens=MAX_NEW, do_sample=False, engine_config=config)
+    assert [o.token_ids for o in outs] == refs
+    targets = {node.target for graph in counter.graphs for node in graph.graph.nodes}
+    assert (torch.nn.functional.embedding in targets) == (not embed_outside)
+    torch._dynamo.reset()
