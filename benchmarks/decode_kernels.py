@@ -42,7 +42,7 @@ STEPS = {
 }
 GRAPH_KERNELS = {"cuda-core": (False, {}), "tc": (True, {}), "tc-nosplit": (True, {"disable_split_kv": True})}
 KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_cores=True, backend="fa2"),
-           "tc-fa3": dict(use_tensor_cores=True, backend="fa3")}
+           "tc-fa3": dict(use_tensor_cores=True, backend="fa3"), "xqa": None}
 
 
 def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
@@ -56,16 +56,41 @@ def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, l
     return indptr, ids, last
 
 
+def block_table(indptr: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """The rows' page ids as a dense int32 ``[rows, most pages]`` table (XQA's page table), padded
+    with page 0, which a row never reads past its length."""
+    counts = (indptr[1:] - indptr[:-1]).tolist()
+    table = torch.zeros(len(counts), max(counts), dtype=torch.int32)
+    for row, (start, n) in enumerate(zip(indptr[:-1].tolist(), counts)):
+        table[row, :n] = torch.tensor(ids[start : start + n], dtype=torch.int32)
+    return table.cuda()
+
+
+def xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace):
+    """TensorRT-LLM's XQA decode kernel through FlashInfer (JIT-compiled on first use)."""
+    from flashinfer.decode import xqa_batch_decode_with_kv_cache
+
+    table = block_table(indptr, ids)
+    seq_lens = torch.tensor(kv_lens, dtype=torch.int32, device="cuda").view(torch.uint32)
+    out = torch.empty_like(q)
+    return lambda: xqa_batch_decode_with_kv_cache(
+        q, (k, v), workspace, table, seq_lens, table.shape[1] * page_size, bmm1_scale=q.shape[-1] ** -0.5,
+        out=out, kv_layout=layout)
+
+
 def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel):
     import flashinfer
 
     indptr, ids, last = scattered_pages(kv_lens, page_size)
     num_pages = len(ids)
     page = (page_size, kv_heads, head_dim) if layout == "NHD" else (kv_heads, page_size, head_dim)
+    torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
     k = torch.randn(num_pages, *page, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     q = torch.randn(len(kv_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    if kernel == "xqa":
+        return xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, **KERNELS[kernel])
     wrapper.plan(indptr, torch.tensor(ids, dtype=torch.int32, device="cuda"), last, heads, kv_heads, head_dim,
                  page_size, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
@@ -112,6 +137,31 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     return graph.replay, out[0]
 
 
+def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers):
+    """Replay a CUDA graph of one XQA decode per layer: its page table and lengths are read on the
+    device, so there is nothing to plan (the caches and queries are ``graph_decode_run``'s)."""
+    step_indptr, ids, _ = scattered_pages(kv_lens, page_size)
+    num_pages = len(ids) + 1
+    torch.manual_seed(0)
+    page = (num_pages, kv_heads, page_size, head_dim)
+    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda") for _ in "kv") for _ in range(layers)]
+    q = torch.randn(len(kv_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    runs = [xqa_run(q, k, v, kv_lens, step_indptr, ids, page_size, "HND", workspace) for k, v in caches]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for run in runs:
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = [run() for run in runs]
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay, out[0]
+
+
 def step_lengths(name: str) -> tuple[int, int, int, list[int], int]:
     """A named step's (query heads, KV heads, head dim, context lengths, bytes of K and V)."""
     heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
@@ -122,15 +172,18 @@ def step_lengths(name: str) -> tuple[int, int, int, list[int], int]:
 
 def graphs_main(args) -> None:
     print(f"{torch.cuda.get_device_name()}, HND, CUDA-graph replay, {args.layers} layers a graph")
-    print("| step | page | kernel | ms/layer | TB/s of KV | max abs diff vs tc |")
+    print("| step | page | kernel | ms/layer | TB/s of KV | max abs diff vs first kernel |")
     print("|---|---|---|---|---|---|")
     for name in args.steps:
         heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
         for page_size in args.page_sizes:
             reference = None
-            for kernel in ("tc", "tc-nosplit", "cuda-core"):
+            for kernel in args.graph_kernels:
                 try:
-                    replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel)
+                    if kernel == "xqa":
+                        replay, out = graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers)
+                    else:
+                        replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel)
                     ms = median_seconds(replay, warmup=5, reps=50) * 1e3 / args.layers
                 except Exception as e:
                     print(f"| {name} | {page_size} | {kernel} | failed: {str(e).splitlines()[0][:80]} | | |")
@@ -146,26 +199,34 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    p.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if k != "xqa"], choices=list(KERNELS),
+                   help="without --graphs: kernels to time (xqa is JIT-compiled on first use)")
+    p.add_argument("--layouts", nargs="+", default=["NHD", "HND"], choices=["NHD", "HND"])
     p.add_argument("--graphs", action="store_true", help="replay engine-style decode graphs (HND)")
+    p.add_argument("--graph-kernels", nargs="+", default=list(GRAPH_KERNELS), choices=[*GRAPH_KERNELS, "xqa"])
     p.add_argument("--layers", type=int, default=4, help="with --graphs: layers (caches) per graph")
     args = p.parse_args()
     if args.graphs:
         return graphs_main(args)
     print(torch.cuda.get_device_name())
-    print("| step | page | layout | kernel | ms/layer | TB/s of KV |")
-    print("|---|---|---|---|---|---|")
+    print("| step | page | layout | kernel | ms/layer | TB/s of KV | max abs diff vs first kernel |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.steps:
         heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
         for page_size in args.page_sizes:
-            for layout in ("NHD", "HND"):
-                for kernel in KERNELS:
+            for layout in args.layouts:
+                reference = None
+                for kernel in args.kernels:
                     try:
                         run = decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel)
+                        out = run().float()
                         ms = median_seconds(run, warmup=5, reps=50) * 1e3
                     except Exception as e:  # a kernel that is not prebuilt, or not supported
-                        print(f"| {name} | {page_size} | {layout} | {kernel} | failed: {str(e).splitlines()[0][:80]} | |")
+                        print(f"| {name} | {page_size} | {layout} | {kernel} | failed: {str(e).splitlines()[0][:80]} | | |")
                         continue
-                    print(f"| {name} | {page_size} | {layout} | {kernel} | {ms:.4f} | {kv_bytes / ms / 1e9:.2f} |")
+                    reference = out if reference is None else reference
+                    diff = (out - reference).abs().max().item()
+                    print(f"| {name} | {page_size} | {layout} | {kernel} | {ms:.4f} | {kv_bytes / ms / 1e9:.2f} | {diff:.2e} |")
 
 
 if __name__ == "__main__":
