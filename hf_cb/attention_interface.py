@@ -19,9 +19,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .paged_attention import paged_attention
+from .paged_cache import to_cache_dtype
 
 ATTENTION_NAME = "hf_cb"
 STEP_KWARG = "hf_cb_step"
+KV_DTYPE_KWARG = "hf_cb_kv_dtype"  # the pages' dtype, handed in with STEP_KWARG
 
 
 class AttentionStep(Protocol):
@@ -55,6 +57,7 @@ def hf_cb_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    kv_dtype = kwargs.pop(KV_DTYPE_KWARG, None)
     if not kwargs.pop(STEP_KWARG, False):
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if kwargs.get("s_aux") is not None:
@@ -64,6 +67,10 @@ def hf_cb_attention(
         raise NotImplementedError(f"hf_cb needs attention modules with an int layer_idx; {type(module).__name__} has none")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if kv_dtype is not None:
+        # Cast here, not in the op: a compiled forward then fuses the cast into the kernel that
+        # makes the keys (the rotary embedding) instead of launching two more per layer.
+        key, value = to_cache_dtype(key, kv_dtype), to_cache_dtype(value, kv_dtype)
     # Tensors arrive as [1, heads, T, D]; the packed step works on [T, heads, D].
     out = paged_attention(
         query[0].transpose(0, 1),

@@ -10,12 +10,16 @@ from .config import EngineConfig
 from .flashinfer_backend import FlashInferBackend
 from .flashinfer_backend import unsupported_reason as flashinfer_unsupported_reason
 from .model_support import AttentionShape
+from .paged_cache import FP8
 from .torch_backend import TorchAttentionBackend
+from .xqa_decode import unsupported_reason as xqa_unsupported_reason
 
 
 def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
-                 max_num_page_ids: int):
-    """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise."""
+                 max_num_page_ids: int, kv_dtype: torch.dtype | None = None, max_pages_per_seq: int = 1):
+    """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise. ``kv_dtype``:
+    the pages' (default ``dtype``); fp8 pages on FlashInfer are read by XQA, whose limits are
+    checked here, before any GPU work."""
     if config.attention_backend == "torch":
         return torch_backend(config, device)
     if device.type != "cuda":
@@ -23,6 +27,11 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
             raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
         return torch_backend(config, device)
     reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
+    if not reason and kv_dtype == FP8:
+        reason = xqa_unsupported_reason(shape.head_dim, config.page_size, shape.logit_softcap,
+                                        torch.cuda.get_device_capability(device))
+        if reason and config.attention_backend == "auto":
+            raise ValueError(f"{reason}; attention_backend='torch' reads fp8 pages anywhere, slowly")
     if reason:
         if config.attention_backend == "flashinfer":
             raise ValueError(reason)
@@ -42,6 +51,8 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         decode_tensor_cores=config.decode_tensor_cores,
         decode_split_kv=config.decode_split_kv,
         kv_layout="HND" if config.kv_layout == "auto" else config.kv_layout,
+        kv_dtype=kv_dtype,
+        max_pages_per_seq=max_pages_per_seq,
     )
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .flashinfer_backend import FlashInferBackend, Kind
+from .flashinfer_backend import FlashInferBackend, Kind, run_attention
 from .manager import PageTable
-from .paged_cache import PagedCache
+from .paged_cache import PagedCache, to_cache_dtype
 from .sampling import greedy_tokens
 from .staging import Staging
 from .step_forward import forward_step
@@ -30,9 +30,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, backend: FlashInferBackend,
-                 max_batch: int, max_num_page_ids: int):
+                 max_batch: int, max_num_page_ids: int, max_pages_per_seq: int):
         self.model, self.forward = model, forward  # forward: the model, maybe compiled
         self.cache, self.backend = cache, backend
+        self.max_pages_per_seq = max_pages_per_seq  # the width of XQA's page tables (fp8 pages)
         self.sizes = graph_batch_sizes(max_batch)
         dev = backend.device
         B = self.sizes[-1]
@@ -101,9 +102,16 @@ class DecodeGraphs:
         put = self.staging.put
         put("input_ids", input_ids)  # straight into self.input_ids
         self.positions[:b].copy_(put("positions", positions)[1])  # into self.position_ids; int32 here
-        step.host_indptr = put("kv_indptr", kv_indptr)[0]
+        step.host_indptr, indptr = put("kv_indptr", kv_indptr)
         step.dev_indices = put("kv_indices", kv_indices)[1]
-        step.host_last = put("kv_last_page_len", kv_last_page_len)[0]
+        step.host_last, last = put("kv_last_page_len", kv_last_page_len)
+        if step.xqa is not None:
+            # fp8 pages: XQA reads a table of its own, and no FlashInfer decode wrapper's plan
+            # copies the CSR arrays into the buffers the KV append reads: copy them here.
+            step.xqa.stage(kv_indptr, kv_indices, kv_last_page_len)
+            self.kv_indptr[: b + 1].copy_(indptr)
+            self.kv_indices[: len(kv_indices)].copy_(step.dev_indices)
+            self.kv_last_page_len[:b].copy_(last)
         for kind in step.wrappers:
             step.plan(kind)
 
@@ -133,6 +141,8 @@ class GraphDecodeStep:
         self.graphs, self.batch_size = graphs, batch_size
         self.wrappers: dict[Kind, object] = {}
         self.host_indptr = self.dev_indices = self.host_last = None
+        backend = graphs.backend
+        self.xqa = backend.new_xqa(batch_size, graphs.max_pages_per_seq) if backend.xqa is not None else None
 
     def plan(self, kind: Kind) -> None:
         self.graphs.backend.plan_decode(self.wrappers[kind], kind, self.host_indptr, self.dev_indices, self.host_last,
@@ -142,12 +152,15 @@ class GraphDecodeStep:
         import flashinfer
 
         g, n = self.graphs, self.batch_size
+        key, value = to_cache_dtype(key, k_cache.dtype), to_cache_dtype(value, v_cache.dtype)
         flashinfer.append_paged_kv_cache(
             key, value, g.token_rows[:n], g.positions[:n], (k_cache, v_cache),
             g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n], kv_layout=g.backend.kv_layout,
         )
 
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
+        if self.xqa is not None:
+            return run_attention(self.xqa, query.contiguous(), (k_cache, v_cache), scaling, sliding_window)
         kind = (sliding_window, softcap, scaling)
         wrapper = self.wrappers.get(kind)
         if wrapper is None:

@@ -26,7 +26,7 @@ from .limits import RequestLimits
 from .manager import PageManager
 from .model_runner import ModelRunner, StepHandle
 from .model_support import add_step_hooks, attention_shape, layer_windows, probe_attention
-from .paged_cache import PagedCache
+from .paged_cache import PagedCache, kv_cache_dtype
 from .performance import compile_forward, frozen_heap
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -68,10 +68,12 @@ class LLMEngine(EngineMemory):
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = model.device
         self.dtype = model.dtype
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.page_bytes = PagedCache.bytes_per_page(
-            self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
+            self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.kv_dtype
         )
-        self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids)
+        self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids,
+                                    kv_dtype=self.kv_dtype, max_pages_per_seq=self.max_pages_per_seq)
         if config.fuse_projections and self.tp is None:  # a tensor-parallel shard's weights are DTensors
             self.fused = fuse_projections(model)
         compiles = config.compile if config.compile is not None else self._replays_graphs()
@@ -110,7 +112,7 @@ class LLMEngine(EngineMemory):
         config, shape = self.config, self.shape
         self.cache = PagedCache(
             shape.num_layers, num_pages, config.page_size, shape.num_kv_heads, shape.head_dim,
-            self.dtype, self.device, sliding_layers=[w is not None for w in self.windows],
+            self.kv_dtype, self.device, sliding_layers=[w is not None for w in self.windows],
             layout=self.backend.kv_layout,
         )
         self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq,
@@ -141,7 +143,8 @@ class LLMEngine(EngineMemory):
         self.runner.graphs = None  # a recapture frees the old graphs' memory first
         start = time.perf_counter()
         graphs = DecodeGraphs(
-            self.model, self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids
+            self.model, self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids,
+            self.max_pages_per_seq,
         )
         graphs.capture()
         self.runner.graphs = graphs

@@ -1,7 +1,7 @@
 """The FlashInfer attention backend (CUDA, fp16/bf16).
 
 Single-token rows (decode rows, which the scheduler puts first) run
-`BatchDecodeWithPagedKVCacheWrapper`; multi-token rows run `BatchPrefillWithPagedKVCacheWrapper`
+`BatchDecodeWithPagedKVCacheWrapper` (over fp8 pages: XQA, `xqa_decode`); multi-token rows run `BatchPrefillWithPagedKVCacheWrapper`
 (causal), so a mixed step launches both kernels per layer, each into its slice of the output. Each distinct kind of layer (sliding window,
 soft-cap, softmax scale) gets its own pair of wrappers, planned once per step from int32 index
 arrays staged in pinned host buffers, so `plan()` never reads device memory. New K/V go into the
@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from .manager import PageTable
+from .paged_cache import FP8, to_cache_dtype
 from .staging import Staging
+from .xqa_decode import WORKSPACE_BYTES as XQA_WORKSPACE_BYTES
+from .xqa_decode import XQADecode
 
 WORKSPACE_BYTES = 128 << 20
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,12 +69,19 @@ class FlashInferBackend:
         decode_tensor_cores: bool | None = None,
         decode_split_kv: bool | None = None,
         kv_layout: str = "NHD",
+        kv_dtype: torch.dtype | None = None,
+        max_pages_per_seq: int | None = None,
     ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
+        self.kv_dtype = kv_dtype or dtype
+        fp8 = self.kv_dtype == FP8
+        if fp8 and prefill_backend == "fa3":
+            raise ValueError("FlashInfer's fa3 kernels do not read fp8 pages with 16-bit queries: use "
+                             "prefill_backend='fa2' or 'auto' with kv_cache_dtype='fp8'")
         # fa3 measured faster than fa2 on Hopper; its prebuilt kernels are bf16 only.
         if prefill_backend == "auto":
-            fa3_ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+            fa3_ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9 and not fp8
             prefill_backend = "fa3" if fa3_ok else "fa2"
         self.prefill_backend = prefill_backend
         # Tensor-core decode (FlashInfer's prefill kernels) measured faster for GQA groups of 2
@@ -100,9 +110,18 @@ class FlashInferBackend:
         self.new_kinds = False  # set when a step met a kind of layer no earlier plan() covered
         self._prefill: dict[Kind, object] = {}
         self._decode: dict[Kind, object] = {}
+        # fp8 pages: decode rows run XQA (eager steps here, graphs their own over this workspace).
+        self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if fp8 else None
+        self.xqa = self.new_xqa(max_num_seqs, max_pages_per_seq) if fp8 else None
+
+    def new_xqa(self, max_rows: int, max_pages_per_seq: int) -> XQADecode:
+        return XQADecode(self.device, max_rows, max_pages_per_seq, self.page_size, self.kv_layout, self.xqa_workspace)
 
     def plan(self, table: PageTable) -> "FlashInferStep":
         num_decode, arrays = step_arrays(table)
+        if self.xqa is not None and num_decode:
+            n = num_decode
+            self.xqa.stage(table.kv_indptr[: n + 1], table.kv_indices, table.kv_last_page_len[:n])
         staged = {name: self.staging.put(name, a) for name, a in arrays.items()}
         host = {name: pair[0] for name, pair in staged.items()}
         dev = {name: pair[1] for name, pair in staged.items()}
@@ -136,7 +155,7 @@ class FlashInferBackend:
             logits_soft_cap=softcap,
             sm_scale=scaling,
             q_data_type=self.dtype,
-            kv_data_type=self.dtype,
+            kv_data_type=self.kv_dtype,
             non_blocking=True,
         )
 
@@ -225,6 +244,8 @@ class FlashInferStep:
 
     def _plan(self, kind: Kind, part: Part):
         b = self.backend
+        if part.is_decode and b.xqa is not None:
+            return b.xqa  # staged by `FlashInferBackend.plan`
         wrappers = b.wrappers_of(part.is_decode)
         if kind not in wrappers:
             wrappers[kind] = b.new_wrapper(part.is_decode)
@@ -240,6 +261,7 @@ class FlashInferStep:
         import flashinfer
 
         d = self.dev
+        key, value = to_cache_dtype(key, k_cache.dtype), to_cache_dtype(value, v_cache.dtype)
         flashinfer.append_paged_kv_cache(
             key, value, d["token_rows"], d["positions"], (k_cache, v_cache),
             d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"], kv_layout=self.backend.kv_layout,
@@ -249,8 +271,15 @@ class FlashInferStep:
         q, cache = query.contiguous(), (k_cache, v_cache)
         wrappers = self.wrappers((sliding_window, softcap, scaling))
         if len(wrappers) == 1:
-            return wrappers[0].run(q, cache)
+            return run_attention(wrappers[0], q, cache, scaling, sliding_window)
         out = torch.empty_like(q)
         for wrapper, part in zip(wrappers, self.parts):
-            wrapper.run(q[part.tokens], cache, out=out[part.tokens])
+            run_attention(wrapper, q[part.tokens], cache, scaling, sliding_window, out=out[part.tokens])
         return out
+
+
+def run_attention(wrapper, q, cache, scaling, sliding_window, out=None) -> torch.Tensor:
+    """A planned FlashInfer wrapper's attention, or XQA's (which takes the kind's options here)."""
+    if isinstance(wrapper, XQADecode):
+        return wrapper.run(q, *cache, scaling=scaling, sliding_window=sliding_window, out=out)
+    return wrapper.run(q, cache, out=out)

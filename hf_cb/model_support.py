@@ -72,6 +72,7 @@ class AttentionShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    logit_softcap: float | None = None  # Gemma 2's attention logit soft-cap
 
 
 def attention_shape(model: torch.nn.Module) -> AttentionShape:
@@ -89,6 +90,7 @@ def attention_shape(model: torch.nn.Module) -> AttentionShape:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        logit_softcap=getattr(config, "attn_logit_softcapping", None),
     )
 
 

@@ -19,6 +19,21 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .paged_attention import in_step
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no infinity, and a cast past it gives NaN
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pages' dtype for `EngineConfig.kv_cache_dtype` ``name``."""
+    return FP8 if name in ("fp8", "fp8_e4m3") else model_dtype
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the pages store it: fp8 with a scale of 1 saturates at +-448, as vLLM's cast does."""
+    if x.dtype == dtype:
+        return x
+    return (x.clamp(-FP8_MAX, FP8_MAX) if dtype == FP8 else x).to(dtype)
+
 
 class PagedLayer(CacheLayerMixin):
     """One layer's pages. Sequence lengths live in the page manager, not here."""
@@ -89,6 +104,7 @@ class PagedCache(Cache):
         super().__init__(layers=layers)
         self.num_pages = num_pages
         self.page_size = page_size
+        self.dtype = dtype
         self.layout = layout
         self.scratch_page = num_pages
 

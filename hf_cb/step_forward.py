@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from .attention_interface import STEP_KWARG, AttentionStep
+from .attention_interface import KV_DTYPE_KWARG, STEP_KWARG, AttentionStep
 from .paged_attention import stepping
 from .paged_cache import PagedCache
 
@@ -33,5 +33,6 @@ def forward_step(forward, model: torch.nn.Module, cache: PagedCache, step: Atten
     the forward only (`paged_attention.stepping`)."""
     with stepping(cache, step), torch.no_grad():
         out = forward(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                      logits_to_keep=logits_to_keep, **{cache_keyword(model): cache, STEP_KWARG: True})
+                      logits_to_keep=logits_to_keep,
+                      **{cache_keyword(model): cache, STEP_KWARG: True, KV_DTYPE_KWARG: cache.dtype})
     return out.logits[0]

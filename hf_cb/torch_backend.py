@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .manager import PageTable
+from .paged_cache import FP8, to_cache_dtype
 
 
 class TorchAttentionBackend:
@@ -61,14 +62,14 @@ class TorchAttentionStep:
         return mask
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slot_mapping, key)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slot_mapping, value)
+        for cache, new in ((k_cache, key), (v_cache, value)):
+            _slots(cache).index_copy_(0, self.slot_mapping, _raw(to_cache_dtype(new, cache.dtype)))
 
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         num_heads, head_dim = query.shape[1:]
         q = query[self.q_index].transpose(1, 2)  # [B, H, Qmax, D]
-        k = k_cache.view(-1, *k_cache.shape[2:])[self.kv_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-        v = v_cache.view(-1, *v_cache.shape[2:])[self.kv_slots].transpose(1, 2)
+        k = self._gather(k_cache, query.dtype)  # [B, Hkv, Lmax, D]
+        v = self._gather(v_cache, query.dtype)
         mask = self._mask(sliding_window)[:, None]  # [B, 1, Qmax, Lmax]
         if softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -76,6 +77,21 @@ class TorchAttentionStep:
             out = _softcapped_attention(q, k, v, mask, scaling, softcap)
         out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)
         return out[self.out_index]
+
+
+    def _gather(self, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each row's keys (or values) from the pages, ``[B, Hkv, Lmax, D]`` in ``dtype``."""
+        return _slots(cache)[self.kv_slots].view(cache.dtype).to(dtype).transpose(1, 2)
+
+
+def _slots(cache: torch.Tensor) -> torch.Tensor:
+    """A layer's pages as ``[slots, Hkv, D]``; fp8 pages as bytes (indexing kernels on some
+    devices do not take float8)."""
+    return _raw(cache).view(-1, *cache.shape[2:])
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == FP8 else t
 
 
 def _softcapped_attention(q, k, v, mask, scaling, softcap):
