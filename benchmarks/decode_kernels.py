@@ -40,6 +40,7 @@ STEPS = {
     "16 rows llama-1b": (32, 8, 64, 16, (1024, 4096)),
     "64 rows llama-1b": (32, 8, 64, 64, (256, 2048)),
 }
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 GRAPH_KERNELS = {"cuda-core": (False, {}), "tc": (True, {}), "tc-nosplit": (True, {"disable_split_kv": True})}
 KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_cores=True, backend="fa2"),
            "tc-fa3": dict(use_tensor_cores=True, backend="fa3"), "xqa": None}
@@ -78,7 +79,7 @@ def xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace):
         out=out, kv_layout=layout)
 
 
-def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel):
+def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv_dtype=torch.bfloat16):
     import flashinfer
 
     indptr, ids, last = scattered_pages(kv_lens, page_size)
@@ -88,16 +89,17 @@ def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel):
     k = torch.randn(num_pages, *page, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     q = torch.randn(len(kv_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     if kernel == "xqa":
         return xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, **KERNELS[kernel])
     wrapper.plan(indptr, torch.tensor(ids, dtype=torch.int32, device="cuda"), last, heads, kv_heads, head_dim,
-                 page_size, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+                 page_size, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
     return lambda: wrapper.run(q, (k, v))
 
 
-def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kernel):
+def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kernel, kv_dtype=torch.bfloat16):
     """Replay a CUDA graph of one decode per layer, planned as the engine plans its graphs."""
     import flashinfer
 
@@ -109,7 +111,8 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     indptr, indices, last = torch.zeros(b + 1, **i32), torch.zeros(num_pages, **i32), torch.zeros(b, **i32)
     torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
     page = (num_pages, kv_heads, page_size, head_dim)
-    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda") for _ in "kv") for _ in range(layers)]
+    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda").to(kv_dtype) for _ in "kv")
+              for _ in range(layers)]
     q = torch.randn(b, heads, head_dim, dtype=torch.bfloat16, device="cuda")
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -118,7 +121,7 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
 
     def plan(ptr, idx, lst):
         wrapper.plan(ptr, idx, lst, heads, kv_heads, head_dim, page_size, q_data_type=torch.bfloat16,
-                     kv_data_type=torch.bfloat16, **options)
+                     kv_data_type=kv_dtype, **options)
 
     scratch = num_pages - 1
     plan(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), scratch, **i32), torch.ones(b, dtype=torch.int32))
@@ -137,14 +140,15 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     return graph.replay, out[0]
 
 
-def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers):
+def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv_dtype=torch.bfloat16):
     """Replay a CUDA graph of one XQA decode per layer: its page table and lengths are read on the
     device, so there is nothing to plan (the caches and queries are ``graph_decode_run``'s)."""
     step_indptr, ids, _ = scattered_pages(kv_lens, page_size)
     num_pages = len(ids) + 1
     torch.manual_seed(0)
     page = (num_pages, kv_heads, page_size, head_dim)
-    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda") for _ in "kv") for _ in range(layers)]
+    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda").to(kv_dtype) for _ in "kv")
+              for _ in range(layers)]
     q = torch.randn(len(kv_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     runs = [xqa_run(q, k, v, kv_lens, step_indptr, ids, page_size, "HND", workspace) for k, v in caches]
@@ -162,28 +166,30 @@ def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers):
     return graph.replay, out[0]
 
 
-def step_lengths(name: str) -> tuple[int, int, int, list[int], int]:
+def step_lengths(name: str, kv_bytes_per_element: int = 2) -> tuple[int, int, int, list[int], int]:
     """A named step's (query heads, KV heads, head dim, context lengths, bytes of K and V)."""
     heads, kv_heads, head_dim, rows, (lo, hi) = STEPS[name]
     rng = random.Random(0)
     kv_lens = [rng.randint(lo, hi) for _ in range(rows)]
-    return heads, kv_heads, head_dim, kv_lens, sum(kv_lens) * 2 * kv_heads * head_dim * 2
+    return heads, kv_heads, head_dim, kv_lens, sum(kv_lens) * 2 * kv_heads * head_dim * kv_bytes_per_element
 
 
 def graphs_main(args) -> None:
-    print(f"{torch.cuda.get_device_name()}, HND, CUDA-graph replay, {args.layers} layers a graph")
+    kv_dtype = KV_DTYPES[args.kv_dtype]
+    print(f"{torch.cuda.get_device_name()}, HND, CUDA-graph replay, {args.layers} layers a graph, {args.kv_dtype} KV")
     print("| step | page | kernel | ms/layer | TB/s of KV | max abs diff vs first kernel |")
     print("|---|---|---|---|---|---|")
     for name in args.steps:
-        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
+        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name, kv_dtype.itemsize)
         for page_size in args.page_sizes:
             reference = None
             for kernel in args.graph_kernels:
                 try:
                     if kernel == "xqa":
-                        replay, out = graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers)
+                        replay, out = graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kv_dtype)
                     else:
-                        replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel)
+                        replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel,
+                                                       kv_dtype)
                     ms = median_seconds(replay, warmup=5, reps=50) * 1e3 / args.layers
                 except Exception as e:
                     print(f"| {name} | {page_size} | {kernel} | failed: {str(e).splitlines()[0][:80]} | | |")
@@ -202,23 +208,28 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if k != "xqa"], choices=list(KERNELS),
                    help="without --graphs: kernels to time (xqa is JIT-compiled on first use)")
     p.add_argument("--layouts", nargs="+", default=["NHD", "HND"], choices=["NHD", "HND"])
+    p.add_argument("--kv-dtype", default="bf16", choices=list(KV_DTYPES),
+                   help="the pages' dtype (fp8: e4m3, scale 1; its kernels are JIT-compiled)")
     p.add_argument("--graphs", action="store_true", help="replay engine-style decode graphs (HND)")
     p.add_argument("--graph-kernels", nargs="+", default=list(GRAPH_KERNELS), choices=[*GRAPH_KERNELS, "xqa"])
     p.add_argument("--layers", type=int, default=4, help="with --graphs: layers (caches) per graph")
     args = p.parse_args()
     if args.graphs:
         return graphs_main(args)
-    print(torch.cuda.get_device_name())
-    print("| step | page | layout | kernel | ms/layer | TB/s of KV | max abs diff vs first kernel |")
+    kv_dtype = KV_DTYPES[args.kv_dtype]
+    print(torch.cuda.get_device_name(), f"{args.kv_dtype} KV")
+    print("| step | page | layout | kernel | ms/layer | TB/s of KV | max abs diff vs the first kernel (fp8: vs bf16) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.steps:
-        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name)
+        heads, kv_heads, head_dim, kv_lens, kv_bytes = step_lengths(name, kv_dtype.itemsize)
         for page_size in args.page_sizes:
             for layout in args.layouts:
-                reference = None
+                reference = None  # the first kernel's output; with fp8 pages, bf16 tc-fa2's on the same data
+                if kv_dtype != torch.bfloat16:
+                    reference = decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, "tc-fa2")().float()
                 for kernel in args.kernels:
                     try:
-                        run = decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel)
+                        run = decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv_dtype)
                         out = run().float()
                         ms = median_seconds(run, warmup=5, reps=50) * 1e3
                     except Exception as e:  # a kernel that is not prebuilt, or not supported

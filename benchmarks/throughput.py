@@ -178,6 +178,8 @@ def main(argv=None) -> dict:
                    help="q/k/v and gate/up as one GEMM each; both: also a run without")
     p.add_argument("--decode-tensor-cores", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--kv-layout", choices=["auto", "NHD", "HND"], default=hf_cb.EngineConfig.kv_layout)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=hf_cb.EngineConfig.kv_cache_dtype,
+                   help="fp8: e4m3 pages, read by XQA on Hopper (changes the numbers; opt-in)")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="FIELD=VALUE",
                    help="also run hf_cb with these EngineConfig fields changed (repeatable), in the same run")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
@@ -204,6 +206,7 @@ def main(argv=None) -> dict:
         decode_tensor_cores={"auto": None, "on": True, "off": False}[args.decode_tensor_cores],
         enable_prefix_caching=args.prefix_caching != "off",
         fuse_projections=args.fuse_projections != "off", kv_layout=args.kv_layout,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     # hf_cb's runs, in order: the configuration asked for, then each variant of it.
     runs = [("hf_cb", engine_config)]
