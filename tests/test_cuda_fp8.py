@@ -4,24 +4,14 @@ Transformers' forward with fp8-rounded keys and values (`fp8_reference`), teache
 Hopper kernel also computes q.k and the weighted sum of values in fp8, so the tolerance is
 looser than bf16's."""
 
-import importlib.util
-
 import pytest
 import torch
 from conftest import model_from_config, random_prompts
 from fp8_reference import fp8_kv_forward
-from test_cuda import teacher_forced_gaps
+from test_cuda import pytestmark, teacher_forced_gaps  # noqa: F401  (pytestmark: cuda, skipped without a GPU)
 from transformers import LlamaConfig, Qwen3Config
 
 import hf_cb
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("flashinfer") is None,
-        reason="needs a CUDA GPU and FlashInfer",
-    ),
-]
 
 FP8_LOGIT_TOL = 0.06
 PROMPTS = random_prompts(40, 1, 400, seed=12, vocab=1024)
