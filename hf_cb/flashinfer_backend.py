@@ -1,8 +1,8 @@
 """The FlashInfer attention backend (CUDA, fp16/bf16).
 
 Single-token rows (decode rows, which the scheduler puts first) run
-`BatchDecodeWithPagedKVCacheWrapper` (over fp8 pages: XQA, `xqa_decode`); multi-token rows run `BatchPrefillWithPagedKVCacheWrapper`
-(causal), so a mixed step launches both kernels per layer, each into its slice of the output. Each distinct kind of layer (sliding window,
+`BatchDecodeWithPagedKVCacheWrapper` (over fp8 pages: XQA, `xqa_decode`); multi-token rows run
+`BatchPrefillWithPagedKVCacheWrapper` (causal), so a mixed step launches both kernels per layer, each into its slice of the output. Each distinct kind of layer (sliding window,
 soft-cap, softmax scale) gets its own pair of wrappers, planned once per step from int32 index
 arrays staged in pinned host buffers, so `plan()` never reads device memory. New K/V go into the
 pages with one `append_paged_kv_cache` launch per layer. The pages' layout (`kv_layout`) is the
@@ -112,6 +112,8 @@ class FlashInferBackend:
         self._decode: dict[Kind, object] = {}
         # fp8 pages: decode rows run XQA (eager steps here, graphs their own over this workspace).
         self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if fp8 else None
+        if fp8 and max_pages_per_seq is None:
+            raise ValueError("fp8 pages need max_pages_per_seq: the width of XQA's page tables")
         self.xqa = self.new_xqa(max_num_seqs, max_pages_per_seq) if fp8 else None
 
     def new_xqa(self, max_rows: int, max_pages_per_seq: int) -> XQADecode:

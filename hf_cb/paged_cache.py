@@ -2,7 +2,8 @@
 
 Each layer holds a key and a value tensor of ``[num_pages + 1, page_size, kv_heads, head_dim]``
 (``NHD``) or ``[num_pages + 1, kv_heads, page_size, head_dim]`` (``HND``, where each head's
-tokens of a page are contiguous; the backend picks). The extra last page belongs to no
+tokens of a page are contiguous; the backend picks), in the model's dtype or, with
+``kv_cache_dtype="fp8"``, float8 e4m3 (`to_cache_dtype`). The extra last page belongs to no
 sequence: padded rows of a captured CUDA graph write there. The model calls ``update(key, value, layer_idx)`` before its
 attention function; inside an engine step ``update`` checks the K/V's shape and returns them as
 they came, and the ``"hf_cb"`` attention function writes them into the layer's pages and attends
