@@ -32,7 +32,7 @@ class AttentionStep(Protocol):
     def write_kv(
         self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> None:
-        """Write the step's new ``key``/``value`` (``[T, Hkv, D]``) into their slots."""
+        """Write the step's new ``key``/``value`` (``[T, Hkv, D]``, in the pages' dtype) into their slots."""
 
     def attend(
         self,
@@ -68,8 +68,9 @@ def hf_cb_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if kv_dtype is not None:
-        # Cast here, not in the op: a compiled forward then fuses the cast into the kernel that
-        # makes the keys (the rotary embedding) instead of launching two more per layer.
+        # The one cast to the pages' dtype (the backends' `write_kv` take K/V as the pages hold
+        # them). Here, not in the op: a compiled forward then fuses it into the kernel that makes
+        # the keys (the rotary embedding) instead of launching two more per layer.
         key, value = to_cache_dtype(key, kv_dtype), to_cache_dtype(value, kv_dtype)
     # Tensors arrive as [1, heads, T, D]; the packed step works on [T, heads, D].
     out = paged_attention(

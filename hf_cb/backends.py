@@ -30,7 +30,7 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
     if not reason and kv_dtype == FP8:
         reason = xqa_unsupported_reason(shape.head_dim, config.page_size, shape.logit_softcap,
                                         torch.cuda.get_device_capability(device))
-        if reason and config.attention_backend == "auto":
+        if reason:  # not a silent fall back to the slow backend: fp8 pages were asked for speed
             raise ValueError(f"{reason}; attention_backend='torch' reads fp8 pages anywhere, slowly")
     if reason:
         if config.attention_backend == "flashinfer":

@@ -14,7 +14,7 @@ import torch
 
 from .flashinfer_backend import FlashInferBackend, Kind, run_attention
 from .manager import PageTable
-from .paged_cache import PagedCache, to_cache_dtype
+from .paged_cache import PagedCache
 from .sampling import greedy_tokens
 from .staging import Staging
 from .step_forward import forward_step
@@ -152,7 +152,6 @@ class GraphDecodeStep:
         import flashinfer
 
         g, n = self.graphs, self.batch_size
-        key, value = to_cache_dtype(key, k_cache.dtype), to_cache_dtype(value, v_cache.dtype)
         flashinfer.append_paged_kv_cache(
             key, value, g.token_rows[:n], g.positions[:n], (k_cache, v_cache),
             g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n], kv_layout=g.backend.kv_layout,

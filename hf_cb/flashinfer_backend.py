@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .manager import PageTable
-from .paged_cache import FP8, to_cache_dtype
+from .paged_cache import FP8
 from .staging import Staging
 from .xqa_decode import WORKSPACE_BYTES as XQA_WORKSPACE_BYTES
 from .xqa_decode import XQADecode
@@ -110,10 +110,10 @@ class FlashInferBackend:
         self.new_kinds = False  # set when a step met a kind of layer no earlier plan() covered
         self._prefill: dict[Kind, object] = {}
         self._decode: dict[Kind, object] = {}
-        # fp8 pages: decode rows run XQA (eager steps here, graphs their own over this workspace).
-        self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if fp8 else None
         if fp8 and max_pages_per_seq is None:
             raise ValueError("fp8 pages need max_pages_per_seq: the width of XQA's page tables")
+        # fp8 pages: decode rows run XQA (eager steps here, graphs their own over this workspace).
+        self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if fp8 else None
         self.xqa = self.new_xqa(max_num_seqs, max_pages_per_seq) if fp8 else None
 
     def new_xqa(self, max_rows: int, max_pages_per_seq: int) -> XQADecode:
@@ -263,7 +263,6 @@ class FlashInferStep:
         import flashinfer
 
         d = self.dev
-        key, value = to_cache_dtype(key, k_cache.dtype), to_cache_dtype(value, v_cache.dtype)
         flashinfer.append_paged_kv_cache(
             key, value, d["token_rows"], d["positions"], (k_cache, v_cache),
             d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"], kv_layout=self.backend.kv_layout,

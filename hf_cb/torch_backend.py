@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .manager import PageTable
-from .paged_cache import FP8, to_cache_dtype
+from .paged_cache import FP8
 
 
 class TorchAttentionBackend:
@@ -63,7 +63,7 @@ class TorchAttentionStep:
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
         for cache, new in ((k_cache, key), (v_cache, value)):
-            _slots(cache).index_copy_(0, self.slot_mapping, _raw(to_cache_dtype(new, cache.dtype)))
+            _slots(cache).index_copy_(0, self.slot_mapping, _raw(new))
 
     def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
         num_heads, head_dim = query.shape[1:]
@@ -77,7 +77,6 @@ class TorchAttentionStep:
             out = _softcapped_attention(q, k, v, mask, scaling, softcap)
         out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)
         return out[self.out_index]
-
 
     def _gather(self, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Each row's keys (or values) from the pages, ``[B, Hkv, Lmax, D]`` in ``dtype``."""
