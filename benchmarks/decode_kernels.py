@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import random
 
+import numpy as np
 import torch
 
 from throughput import median_seconds  # first: puts the repository on sys.path
@@ -57,26 +58,16 @@ def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, l
     return indptr, ids, last
 
 
-def block_table(indptr: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """The rows' page ids as a dense int32 ``[rows, most pages]`` table (XQA's page table), padded
-    with page 0, which a row never reads past its length."""
-    counts = (indptr[1:] - indptr[:-1]).tolist()
-    table = torch.zeros(len(counts), max(counts), dtype=torch.int32)
-    for row, (start, n) in enumerate(zip(indptr[:-1].tolist(), counts)):
-        table[row, :n] = torch.tensor(ids[start : start + n], dtype=torch.int32)
-    return table.cuda()
+def xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace):
+    """TensorRT-LLM's XQA decode kernel as the engine runs it (`hf_cb.xqa_decode`; FlashInfer
+    compiles it on first use), over the rows' pages as `scattered_pages` gives them."""
+    from hf_cb.xqa_decode import XQADecode
 
-
-def xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace):
-    """TensorRT-LLM's XQA decode kernel through FlashInfer (JIT-compiled on first use)."""
-    from flashinfer.decode import xqa_batch_decode_with_kv_cache
-
-    table = block_table(indptr, ids)
-    seq_lens = torch.tensor(kv_lens, dtype=torch.int32, device="cuda").view(torch.uint32)
+    width = int((indptr[1:] - indptr[:-1]).max())
+    xqa = XQADecode(q.device, len(last), width, page_size, layout, workspace)
+    xqa.stage(indptr.numpy(), np.asarray(ids, dtype=np.int32), last.numpy())
     out = torch.empty_like(q)
-    return lambda: xqa_batch_decode_with_kv_cache(
-        q, (k, v), workspace, table, seq_lens, table.shape[1] * page_size, bmm1_scale=q.shape[-1] ** -0.5,
-        out=out, kv_layout=layout)
+    return lambda: xqa.run(q, k, v, scaling=q.shape[-1] ** -0.5, sliding_window=None, out=out)
 
 
 def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv_dtype=torch.bfloat16):
@@ -92,11 +83,36 @@ def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv
     k, v = k.to(kv_dtype), v.to(kv_dtype)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     if kernel == "xqa":
-        return xqa_run(q, k, v, kv_lens, indptr, ids, page_size, layout, workspace)
+        return xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, **KERNELS[kernel])
     wrapper.plan(indptr, torch.tensor(ids, dtype=torch.int32, device="cuda"), last, heads, kv_heads, head_dim,
                  page_size, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
     return lambda: wrapper.run(q, (k, v))
+
+
+def graph_inputs(heads, kv_heads, head_dim, rows, num_pages, page_size, layers, kv_dtype):
+    """Each layer's K and V pages (HND) and the step's queries, the same for every kernel (seeded),
+    to compare their outputs."""
+    torch.manual_seed(0)
+    page = (num_pages, kv_heads, page_size, head_dim)
+    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda").to(kv_dtype) for _ in "kv")
+              for _ in range(layers)]
+    return caches, torch.randn(rows, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+
+
+def capture(runs: list) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
+    """A CUDA graph of ``runs`` (one a layer), each run once on a side stream first (lazy library
+    state must not start inside a capture), and the outputs the graph writes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for run in runs:
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [run() for run in runs]
+    return graph, outs
 
 
 def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kernel, kv_dtype=torch.bfloat16):
@@ -109,11 +125,7 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     num_pages = len(ids) + 1  # the last: the capture's scratch page
     i32 = dict(dtype=torch.int32, device="cuda")
     indptr, indices, last = torch.zeros(b + 1, **i32), torch.zeros(num_pages, **i32), torch.zeros(b, **i32)
-    torch.manual_seed(0)  # the same caches and queries for every kernel, to compare their outputs
-    page = (num_pages, kv_heads, page_size, head_dim)
-    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda").to(kv_dtype) for _ in "kv")
-              for _ in range(layers)]
-    q = torch.randn(b, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    caches, q = graph_inputs(heads, kv_heads, head_dim, b, num_pages, page_size, layers, kv_dtype)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, "HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
@@ -125,15 +137,7 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
 
     scratch = num_pages - 1
     plan(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), scratch, **i32), torch.ones(b, dtype=torch.int32))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for cache in caches:
-            wrapper.run(q, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = [wrapper.run(q, cache) for cache in caches]
+    graph, out = capture([lambda cache=cache: wrapper.run(q, cache) for cache in caches])
     plan(step_indptr, torch.tensor(ids, **i32), step_last)
     graph.replay()
     torch.cuda.synchronize()
@@ -143,24 +147,11 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
 def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv_dtype=torch.bfloat16):
     """Replay a CUDA graph of one XQA decode per layer: its page table and lengths are read on the
     device, so there is nothing to plan (the caches and queries are ``graph_decode_run``'s)."""
-    step_indptr, ids, _ = scattered_pages(kv_lens, page_size)
-    num_pages = len(ids) + 1
-    torch.manual_seed(0)
-    page = (num_pages, kv_heads, page_size, head_dim)
-    caches = [tuple(torch.randn(page, dtype=torch.bfloat16, device="cuda").to(kv_dtype) for _ in "kv")
-              for _ in range(layers)]
-    q = torch.randn(len(kv_lens), heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
+    caches, q = graph_inputs(heads, kv_heads, head_dim, len(kv_lens), len(ids) + 1, page_size, layers, kv_dtype)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    runs = [xqa_run(q, k, v, kv_lens, step_indptr, ids, page_size, "HND", workspace) for k, v in caches]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for run in runs:
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = [run() for run in runs]
+    graph, out = capture([xqa_run(q, k, v, step_indptr, ids, step_last, page_size, "HND", workspace)
+                          for k, v in caches])
     graph.replay()
     torch.cuda.synchronize()
     return graph.replay, out[0]
