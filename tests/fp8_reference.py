@@ -6,7 +6,6 @@ equals storing rounded values once."""
 from contextlib import contextmanager
 
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 import hf_cb
@@ -16,12 +15,10 @@ from hf_cb.paged_cache import FP8, to_cache_dtype
 NAME = "fp8_kv_reference"
 
 
-def _attention(module, query, key, value, attention_mask, **kwargs):
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     key, value = (to_cache_dtype(t, FP8).to(query.dtype) for t in (key, value))
-    if kwargs.get("softcap") is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return _plain_attention(module, query, key, value, attention_mask, kwargs.pop("scaling", None),
-                            kwargs.pop("dropout", 0.0), **kwargs)
+    # hf_cb's own attention outside a step: SDPA, or the model's eager one for a soft-cap.
+    return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 AttentionInterface.register(NAME, _attention)
