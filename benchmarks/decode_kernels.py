@@ -8,7 +8,9 @@ pages in random order, for each KV layout (``NHD``: a page is [tokens, heads, di
 [heads, tokens, dim]), kernel (FlashInfer's CUDA-core decode kernel, or its tensor-core path
 through the fa2 or fa3 prefill kernels) and page size. Median of CUDA-event-timed runs of
 ``wrapper.run`` after one ``plan``; "TB/s" counts the K and V read. Variants whose kernels are
-not prebuilt fail under ``FLASHINFER_DISABLE_JIT=1`` and are reported as such.
+not prebuilt fail under ``FLASHINFER_DISABLE_JIT=1`` and are reported as such. ``--kernels
+holistic`` adds FlashInfer's persistent `BatchAttention` (one kernel for a mixed batch, the KV
+balanced over the SMs), ``xqa`` TensorRT-LLM's XQA; both are compiled on first use.
 
 ``--graphs`` measures what the engine's decode graphs run: wrappers built with
 ``use_cuda_graph=True``, planned for the capture on dummy rows, then re-planned with the step's
@@ -44,7 +46,8 @@ STEPS = {
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 GRAPH_KERNELS = {"cuda-core": (False, {}), "tc": (True, {}), "tc-nosplit": (True, {"disable_split_kv": True})}
 KERNELS = {"cuda-core": dict(use_tensor_cores=False), "tc-fa2": dict(use_tensor_cores=True, backend="fa2"),
-           "tc-fa3": dict(use_tensor_cores=True, backend="fa3"), "xqa": None}
+           "tc-fa3": dict(use_tensor_cores=True, backend="fa3"), "xqa": None, "holistic": None}
+JIT_KERNELS = ("xqa", "holistic")  # compiled on first use: not in the default list
 
 
 def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
@@ -70,6 +73,21 @@ def xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace):
     return lambda: xqa.run(q, k, v, scaling=q.shape[-1] ** -0.5, sliding_window=None, out=out)
 
 
+def holistic_run(q, k, v, indptr, ids, last, page_size, layout):
+    """FlashInfer's holistic `BatchAttention`: one persistent kernel that balances the rows' KV
+    over the SMs (compiled on first use)."""
+    import flashinfer
+
+    lens = ((indptr[1:] - indptr[:-1] - 1) * page_size + last).to(torch.int32)
+    kv_heads = k.shape[1] if layout == "HND" else k.shape[2]
+    wrapper = flashinfer.BatchAttention(layout, device="cuda")
+    wrapper.plan(torch.arange(len(last) + 1, dtype=torch.int32), indptr,
+                 torch.tensor(ids, dtype=torch.int32, device="cuda"), lens, q.shape[1], kv_heads, q.shape[-1],
+                 q.shape[-1], page_size, causal=True, q_data_type=q.dtype, kv_data_type=k.dtype)
+    out = torch.empty_like(q)
+    return lambda: wrapper.run(q, (k, v), out=out)[0]
+
+
 def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv_dtype=torch.bfloat16):
     import flashinfer
 
@@ -84,6 +102,8 @@ def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     if kernel == "xqa":
         return xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace)
+    if kernel == "holistic":
+        return holistic_run(q, k, v, indptr, ids, last, page_size, layout)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, **KERNELS[kernel])
     wrapper.plan(indptr, torch.tensor(ids, dtype=torch.int32, device="cuda"), last, heads, kv_heads, head_dim,
                  page_size, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
@@ -139,6 +159,7 @@ def graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kern
     plan(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), scratch, **i32), torch.ones(b, dtype=torch.int32))
     graph, out = capture([lambda cache=cache: wrapper.run(q, cache) for cache in caches])
     plan(step_indptr, torch.tensor(ids, **i32), step_last)
+    graph.keep = (wrapper, workspace, caches, q, indptr, indices, last)  # what the graph reads
     graph.replay()
     torch.cuda.synchronize()
     return graph.replay, out[0]
@@ -150,8 +171,40 @@ def graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv_dtyp
     step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
     caches, q = graph_inputs(heads, kv_heads, head_dim, len(kv_lens), len(ids) + 1, page_size, layers, kv_dtype)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    graph, out = capture([xqa_run(q, k, v, step_indptr, ids, step_last, page_size, "HND", workspace)
-                          for k, v in caches])
+    runs = [xqa_run(q, k, v, step_indptr, ids, step_last, page_size, "HND", workspace) for k, v in caches]
+    graph, out = capture(runs)
+    graph.keep = (runs, workspace, caches, q)  # what the graph reads
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay, out[0]
+
+
+def graph_holistic_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv_dtype=torch.bfloat16):
+    """Replay a CUDA graph of one holistic `BatchAttention` per layer. Its plan's work lists sit at
+    fixed offsets of its workspace and its grid is one CTA pair per SM whatever the rows, so a
+    graph captured on dummy rows replays another plan; the page ids are read from the buffer
+    handed to the capture's plan."""
+    import flashinfer
+
+    b = len(kv_lens)
+    step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
+    num_pages = len(ids) + 1  # the last: the capture's scratch page
+    indices = torch.zeros(num_pages, dtype=torch.int32, device="cuda")
+    caches, q = graph_inputs(heads, kv_heads, head_dim, b, num_pages, page_size, layers, kv_dtype)
+    wrapper = flashinfer.BatchAttention("HND", device="cuda")
+    rows = torch.arange(b + 1, dtype=torch.int32)
+
+    def plan(ptr, lens):
+        wrapper.plan(rows, ptr, indices, lens, heads, kv_heads, head_dim, head_dim, page_size, causal=True,
+                     q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+
+    indices.fill_(num_pages - 1)
+    plan(rows.clone(), torch.ones(b, dtype=torch.int32))
+    outs = [torch.empty_like(q) for _ in caches]
+    graph, out = capture([lambda cache=cache, o=o: wrapper.run(q, cache, out=o)[0] for cache, o in zip(caches, outs)])
+    indices[: len(ids)].copy_(torch.tensor(ids, dtype=torch.int32))
+    plan(step_indptr, ((step_indptr[1:] - step_indptr[:-1] - 1) * page_size + step_last).to(torch.int32))
+    graph.keep = (wrapper, caches, q, indices)  # what the graph reads
     graph.replay()
     torch.cuda.synchronize()
     return graph.replay, out[0]
@@ -178,6 +231,9 @@ def graphs_main(args) -> None:
                 try:
                     if kernel == "xqa":
                         replay, out = graph_xqa_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kv_dtype)
+                    elif kernel == "holistic":
+                        replay, out = graph_holistic_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers,
+                                                         kv_dtype)
                     else:
                         replay, out = graph_decode_run(heads, kv_heads, head_dim, kv_lens, page_size, args.layers, kernel,
                                                        kv_dtype)
@@ -196,13 +252,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
-    p.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if k != "xqa"], choices=list(KERNELS),
-                   help="without --graphs: kernels to time (xqa is JIT-compiled on first use)")
+    p.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if k not in JIT_KERNELS],
+                   choices=list(KERNELS), help="without --graphs: kernels to time (xqa and holistic are JIT-compiled "
+                   "on first use)")
     p.add_argument("--layouts", nargs="+", default=["NHD", "HND"], choices=["NHD", "HND"])
     p.add_argument("--kv-dtype", default="bf16", choices=list(KV_DTYPES),
                    help="the pages' dtype (fp8: e4m3, scale 1; its kernels are JIT-compiled)")
     p.add_argument("--graphs", action="store_true", help="replay engine-style decode graphs (HND)")
-    p.add_argument("--graph-kernels", nargs="+", default=list(GRAPH_KERNELS), choices=[*GRAPH_KERNELS, "xqa"])
+    p.add_argument("--graph-kernels", nargs="+", default=list(GRAPH_KERNELS), choices=[*GRAPH_KERNELS, *JIT_KERNELS])
     p.add_argument("--layers", type=int, default=4, help="with --graphs: layers (caches) per graph")
     args = p.parse_args()
     if args.graphs:
