@@ -21,7 +21,7 @@ import torch
 
 from throughput import median_seconds  # first: puts the repository on sys.path
 
-from decode_kernels import graph_decode_run
+from decode_kernels import capture, graph_decode_run
 
 # name: (hidden, intermediate, heads, KV heads, head dim, the workload's rows, its context lengths)
 MODELS = {"llama-8b": (4096, 14336, 32, 8, 128, 1024, (60, 386)),  # W4
@@ -44,14 +44,7 @@ def gemm_graph(model: str, rows: int, layers: int) -> torch.cuda.CUDAGraph:
             for name, weight in w.items():
                 torch.nn.functional.linear(h if name == "down" else x, weight)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph = capture([run])[0]
     graph.keep = (weights, x, h)  # the graph reads them
     return graph
 
