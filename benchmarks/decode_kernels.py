@@ -73,17 +73,16 @@ def xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace):
     return lambda: xqa.run(q, k, v, scaling=q.shape[-1] ** -0.5, sliding_window=None, out=out)
 
 
-def holistic_run(q, k, v, indptr, ids, last, page_size, layout):
+def holistic_run(q, k, v, indptr, ids, kv_lens, kv_heads, page_size, layout):
     """FlashInfer's holistic `BatchAttention`: one persistent kernel that balances the rows' KV
     over the SMs (compiled on first use)."""
     import flashinfer
 
-    lens = ((indptr[1:] - indptr[:-1] - 1) * page_size + last).to(torch.int32)
-    kv_heads = k.shape[1] if layout == "HND" else k.shape[2]
     wrapper = flashinfer.BatchAttention(layout, device="cuda")
-    wrapper.plan(torch.arange(len(last) + 1, dtype=torch.int32), indptr,
-                 torch.tensor(ids, dtype=torch.int32, device="cuda"), lens, q.shape[1], kv_heads, q.shape[-1],
-                 q.shape[-1], page_size, causal=True, q_data_type=q.dtype, kv_data_type=k.dtype)
+    wrapper.plan(torch.arange(len(kv_lens) + 1, dtype=torch.int32), indptr,
+                 torch.tensor(ids, dtype=torch.int32, device="cuda"), torch.tensor(kv_lens, dtype=torch.int32),
+                 q.shape[1], kv_heads, q.shape[-1], q.shape[-1], page_size, causal=True, q_data_type=q.dtype,
+                 kv_data_type=k.dtype)
     out = torch.empty_like(q)
     return lambda: wrapper.run(q, (k, v), out=out)[0]
 
@@ -103,7 +102,7 @@ def decode_run(heads, kv_heads, head_dim, kv_lens, page_size, layout, kernel, kv
     if kernel == "xqa":
         return xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace)
     if kernel == "holistic":
-        return holistic_run(q, k, v, indptr, ids, last, page_size, layout)
+        return holistic_run(q, k, v, indptr, ids, kv_lens, kv_heads, page_size, layout)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, **KERNELS[kernel])
     wrapper.plan(indptr, torch.tensor(ids, dtype=torch.int32, device="cuda"), last, heads, kv_heads, head_dim,
                  page_size, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
@@ -187,7 +186,7 @@ def graph_holistic_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv
     import flashinfer
 
     b = len(kv_lens)
-    step_indptr, ids, step_last = scattered_pages(kv_lens, page_size)
+    step_indptr, ids, _ = scattered_pages(kv_lens, page_size)
     num_pages = len(ids) + 1  # the last: the capture's scratch page
     indices = torch.zeros(num_pages, dtype=torch.int32, device="cuda")
     caches, q = graph_inputs(heads, kv_heads, head_dim, b, num_pages, page_size, layers, kv_dtype)
@@ -203,7 +202,7 @@ def graph_holistic_run(heads, kv_heads, head_dim, kv_lens, page_size, layers, kv
     outs = [torch.empty_like(q) for _ in caches]
     graph, out = capture([lambda cache=cache, o=o: wrapper.run(q, cache, out=o)[0] for cache, o in zip(caches, outs)])
     indices[: len(ids)].copy_(torch.tensor(ids, dtype=torch.int32))
-    plan(step_indptr, ((step_indptr[1:] - step_indptr[:-1] - 1) * page_size + step_last).to(torch.int32))
+    plan(step_indptr, torch.tensor(kv_lens, dtype=torch.int32))
     graph.keep = (wrapper, caches, q, indices)  # what the graph reads
     graph.replay()
     torch.cuda.synchronize()
