@@ -28,6 +28,20 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def unowned(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t``'s memory that does not keep it allocated (vLLM's ``weak_ref_tensor``;
+    torch's own CUDA graph trees rebuild their outputs the same way).
+
+    Each graph's logits (``rows x vocab``) would otherwise stay allocated for the engine's life:
+    8.5 GB for Llama's vocabulary over the graphs up to 1024 rows, which ran a llama-8b engine
+    of 1536 rows out of memory. Unowned, the next capture reuses them, so the graphs share their
+    memory. That is safe because a replay's outputs are used, in stream order, before the next
+    replay (`ModelRunner.launch` samples from them at once)."""
+    storage = t.untyped_storage()
+    alias = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(alias, t.storage_offset(), t.shape, t.stride())
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, backend: FlashInferBackend,
                  max_batch: int, max_num_page_ids: int, max_pages_per_seq: int):
@@ -82,7 +96,8 @@ class DecodeGraphs:
                 logits = self._forward(step)
                 self.tokens[b] = greedy_tokens(logits)
             self.pool = graph.pool()
-            self.graphs[b], self.logits[b] = graph, logits
+            self.graphs[b], self.logits[b] = graph, unowned(logits)
+            del logits  # its memory goes back to the pool, for the next (smaller) capture
         torch.cuda.synchronize()
 
     def _dummy_rows(self, b: int):
@@ -129,7 +144,8 @@ class DecodeGraphs:
         )
 
     def replay(self, size: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the bucket's graph; (greedy tokens, logits) of the real rows."""
+        """Run the bucket's graph; (greedy tokens, logits) of the real rows, valid until the
+        next replay of any bucket (the buckets share their memory)."""
         self.graphs[size].replay()
         return self.tokens[size][:num_rows], self.logits[size][:num_rows]
 
