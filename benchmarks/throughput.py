@@ -147,6 +147,7 @@ def measure_hf_cb(name: str, model, wl: Workload, warm: Workload, engine_config:
         "engine_build_s": build_s, "first_call_s": result.extra["warmup_s"], "startup_s": engine.startup_s,
         "compile_phases_s": compile_phases(),
         "backend": type(engine.backend).__name__, "num_pages": engine.manager.num_pages,
+        "max_num_seqs": engine.config.max_num_seqs,
         "preemptions": engine.scheduler.num_preemptions, "host": engine.stats.summary(),
     }
     hf_cb.release(model)
@@ -163,7 +164,8 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, default=None, help="only the first N requests (smoke runs)")
     p.add_argument("--warmup-requests", type=int, default=8, help="requests in each system's unmeasured warm-up run")
     p.add_argument("--page-size", type=int, default=hf_cb.EngineConfig.page_size)
-    p.add_argument("--max-num-seqs", type=int, default=hf_cb.EngineConfig.max_num_seqs)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the engine's (1024 on a GPU of 70 GiB or more, else 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=hf_cb.EngineConfig.max_num_batched_tokens)
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     p.add_argument("--prefill-backend", choices=["auto", "fa2", "fa3"], default=hf_cb.EngineConfig.prefill_backend)

@@ -43,7 +43,10 @@ class LLMEngine(EngineMemory):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None):
         register()
-        self.config = config = config or EngineConfig()
+        # requested: as the caller gave it (`get_engine` compares it); config: with the
+        # device's defaults filled in, which every part of the engine reads.
+        self.requested_config = config or EngineConfig()
+        self.config = config = self.requested_config.resolved(model.device)
         self.model = model
         # Tensor parallel: rank 0 decides the requests, the pool size and the sampled tokens.
         group = tensor_parallel_group(model)

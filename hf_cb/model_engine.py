@@ -15,7 +15,7 @@ _ENGINE_ATTR = "_hf_cb_engine"
 def get_engine(model: torch.nn.Module, engine_config: EngineConfig | None = None) -> LLMEngine:
     """The model's engine, built on first use (or rebuilt for a different config)."""
     engine: LLMEngine | None = getattr(model, _ENGINE_ATTR, None)
-    if engine is not None and engine_config is not None and engine_config != engine.config:
+    if engine is not None and engine_config is not None and engine_config != engine.requested_config:
         release(model)
         engine = None
     if engine is None:
