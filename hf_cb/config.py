@@ -7,9 +7,7 @@ from typing import Literal
 
 import torch
 
-# vLLM's rule for its default max_num_seqs: 1024 on GPUs of 70 GiB or more (H100, H200), 256 on
-# smaller ones. On an H200 1024 made W3 on llama-1b 22,004 tok/s against 21,020 at 256 in the
-# same run, and W1 43,981 against 43,451 (README).
+# vLLM's threshold for its larger defaults (H100- and H200-class GPUs): `default_max_num_seqs`.
 LARGE_GPU_BYTES = 70 << 30
 
 
