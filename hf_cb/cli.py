@@ -207,8 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         args.func(args)
+    except SystemExit as stop:  # a tensor-parallel follower's end (`_start`) is a success
+        if stop.code not in (None, 0):
+            raise
     finally:
         ranks.leave()
+    if ranks.under_torchrun():
+        ranks.exit_rank()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi")  # the serve extra
 import httpx  # noqa: E402
 from conftest import random_prompts, saved_model, tiny_model, word_tokenizer  # noqa: E402
-from serve_process import serving  # noqa: E402
+from serve_process import hf_cb, serving  # noqa: E402
 
 from hf_cb.online import OnlineEngine  # noqa: E402
 from hf_cb.server import HTTPServer  # noqa: E402
@@ -63,6 +63,13 @@ def test_parallel_serve_answers_as_offline(model, tok, model_dir, tmp_path, args
         assert complete_all(url, PROMPTS, 10) == expected
     survivors = subprocess.run(["pgrep", "-f", f"hf_cb serve {model_dir}"], capture_output=True, text=True).stdout
     assert not survivors.strip(), "a rank outlived hf-cb serve"
+
+
+def test_a_failed_rank_is_named_and_ends_the_others(tmp_path):
+    done = hf_cb("serve", str(tmp_path / "no-such-model"), "--tensor-parallel-size", "2",
+                 env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode != 0
+    assert "hf-cb: rank 0 of 2 ended with status 1" in done.stderr, done.stderr[-3000:]
 
 
 def test_two_engines_behind_one_front_end_both_serve(model, tok):
