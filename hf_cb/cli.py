@@ -26,7 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kwargs: dict = {"default": f.default, "help": f"default: {f.default}"}
+        shown = "decided by the engine (see hf_cb.EngineConfig)" if f.default is None else f.default
+        kwargs: dict = {"default": f.default, "help": f"default: {shown}"}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is typing.Literal:
