@@ -16,7 +16,7 @@ from .xqa_decode import unsupported_reason as xqa_unsupported_reason
 
 
 def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype, device: torch.device,
-                 max_num_page_ids: int, kv_dtype: torch.dtype | None = None, max_pages_per_seq: int = 1):
+                 max_num_page_ids: int, kv_dtype: torch.dtype | None = None, max_pages_per_seq: int | None = None):
     """FlashInfer on CUDA where it can serve the model, the PyTorch backend otherwise. ``kv_dtype``:
     the pages' (default ``dtype``); fp8 pages on FlashInfer are read by XQA, whose limits are
     checked here, before any GPU work."""
