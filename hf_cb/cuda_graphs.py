@@ -66,7 +66,8 @@ class DecodeGraphs:
         self.staging = Staging(dev, {
             "input_ids": (B, i64), "positions": (B, i64),
             "kv_indptr": (B + 1, i32), "kv_indices": (max_num_page_ids + B, i32), "kv_last_page_len": (B, i32),
-        }, into={"input_ids": self.input_ids, "positions": self.position_ids})
+        }, into={"input_ids": self.input_ids, "positions": self.position_ids, "kv_indptr": self.kv_indptr,
+                 "kv_indices": self.kv_indices, "kv_last_page_len": self.kv_last_page_len})
         self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -115,18 +116,13 @@ class DecodeGraphs:
         """Copy a step's rows into the fixed buffers and plan the bucket's wrappers."""
         b = step.batch_size
         put = self.staging.put
-        put("input_ids", input_ids)  # straight into self.input_ids
+        put("input_ids", input_ids)  # every array goes straight into its fixed buffer
         self.positions[:b].copy_(put("positions", positions)[1])  # into self.position_ids; int32 here
-        step.host_indptr, indptr = put("kv_indptr", kv_indptr)
-        step.dev_indices = put("kv_indices", kv_indices)[1]
-        step.host_last, last = put("kv_last_page_len", kv_last_page_len)
+        step.host_indptr = put("kv_indptr", kv_indptr)[0]
+        step.dev_indices = put("kv_indices", kv_indices)[1]  # the plan's copy into its buffer is then a no-op
+        step.host_last = put("kv_last_page_len", kv_last_page_len)[0]
         if step.xqa is not None:
-            # fp8 pages: XQA reads a table of its own, and no FlashInfer decode wrapper's plan
-            # copies the CSR arrays into the buffers the KV append reads: copy them here.
-            step.xqa.stage(kv_indptr, kv_indices, kv_last_page_len)
-            self.kv_indptr[: b + 1].copy_(indptr)
-            self.kv_indices[: len(kv_indices)].copy_(step.dev_indices)
-            self.kv_last_page_len[:b].copy_(last)
+            step.xqa.stage(kv_indptr, kv_indices, kv_last_page_len)  # fp8 pages: XQA's table of its own
         for kind in step.wrappers:
             step.plan(kind)
 
