@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from throughput import median_seconds  # first: puts the repository on sys.path
-
+from decode_kernels import capture
 from hf_cb.sampling import two_pass_argmax
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
@@ -58,15 +58,7 @@ def skinny_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def graph_time(fn, reps: int) -> float:
     """Seconds per call of ``fn`` (called ``reps`` times in one graph)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    graph, _ = capture([fn] * reps)
     return median_seconds(graph.replay, warmup=3, reps=20) / reps
 
 
