@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -184,6 +185,10 @@ def main(argv=None) -> dict:
                    help="fp8: e4m3 pages, read by XQA on Hopper (changes the numbers; opt-in)")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="FIELD=VALUE",
                    help="also run hf_cb with these EngineConfig fields changed (repeatable), in the same run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure hf_cb's runs this many times, in alternating order (A B, then B A, ...), and "
+                        "print each one's median: on W1 and W3 the run measured first in a process was 1-2 %% "
+                        "slower than the same configuration measured later")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -218,7 +223,11 @@ def main(argv=None) -> dict:
         runs.append(("hf_cb, projections not fused", replace(engine_config, fuse_projections=False)))
     runs += [(f"hf_cb, {' '.join(items)}", replace(engine_config, **parse_config(items))) for items in args.variant]
 
-    results = [measure_hf_cb(name, model, wl, warm, config, progress) for name, config in runs]
+    results = []
+    for i in range(args.repeat):
+        for name, config in runs if i % 2 == 0 else runs[::-1]:
+            results.append(measure_hf_cb(name, model, wl, warm, config, progress))
+            results[-1].extra["repeat"] = i
     baselines = {"transformers-cb": run_transformers_cb, "transformers-static": run_transformers_static}
     for name, fn in baselines.items():
         if name in args.skip:
@@ -272,6 +281,14 @@ def print_table(report: dict) -> None:
             f"| {r['system']} | {r['output_tok_s']:,.0f} | {r['total_tok_s']:,.0f} | {speedup:.1f}x | "
             f"{r['peak_mem_gib']:.1f} | {r['output_tok_s'] / report['roofline_output_tok_s']:.3f} |"
         )
+    runs: dict[str, list[float]] = {}
+    for r in report["results"]:
+        if r["output_tok_s"] is not None:
+            runs.setdefault(r["system"], []).append(r["output_tok_s"])
+    for system, values in runs.items():
+        if len(values) > 1:
+            print(f"{system}: median {statistics.median(values):,.0f} of {len(values)} runs "
+                  f"({', '.join(f'{v:,.0f}' for v in values)})")
     for r in report["results"]:
         if "engine_build_s" in r["extra"]:
             host = r["extra"]["host"]
