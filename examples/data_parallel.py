@@ -18,9 +18,9 @@ import tempfile
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.distributed import DistributedConfig
 
 import hf_cb
+from hf_cb.tensor_parallel import sharding_config
 from common import print_completions, save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three laws of"]
@@ -30,8 +30,7 @@ def load(path: str, tp_size: int):
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     if tp_size > 1:  # Transformers starts torch.distributed; FSDP over replicas of 1 rank is plain replication
-        replicas = int(os.environ["WORLD_SIZE"]) // tp_size
-        config = DistributedConfig(tp_plan="auto", tp_size=tp_size, dp_replicate_size=replicas)
+        config = sharding_config(tp_size, replicas=int(os.environ["WORLD_SIZE"]) // tp_size)
         return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=dtype)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .tensor_parallel import sharding_config
+
 logger = logging.getLogger("hf_cb")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -195,11 +197,7 @@ def load_model(model: str | None = None, *, dtype: str = "auto", device: str = "
     torch_dtype = resolve_dtype(dtype, dev, config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tensor_parallel_size > 1:  # Transformers shards the weights and starts torch.distributed
-        from transformers.distributed import DistributedConfig
-
-        # Replicas over the other ranks: FSDP over groups of 1 rank, i.e. plain copies.
-        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size,
-                                                         dp_replicate_size=data_parallel_size)
+        kwargs["distributed_config"] = sharding_config(tensor_parallel_size, data_parallel_size)
     else:
         if parallel:
             torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")

@@ -25,6 +25,7 @@ group (the ranks' collectives no longer pair up); torchrun then stops every rank
 
 from __future__ import annotations
 
+import inspect
 from datetime import timedelta
 from typing import Any
 
@@ -48,10 +49,33 @@ def tensor_parallel_group(model: torch.nn.Module) -> "dist.ProcessGroup | None":
         return None
     for param in model.parameters():
         mesh = getattr(param, "device_mesh", None)  # a DTensor's
-        if mesh is not None and "tp" in (mesh.mesh_dim_names or ()):
+        if mesh is None:
+            continue
+        names = mesh.mesh_dim_names or ()
+        if "tp" in names:
             tp = mesh["tp"]
-            return tp.get_group() if tp.size() > 1 else None
+        elif not names and mesh.ndim == 1:  # Transformers before 5.24: tp_plan's mesh has no names
+            tp = mesh
+        else:
+            continue
+        return tp.get_group() if tp.size() > 1 else None
     return None
+
+
+def sharding_config(tensor_parallel_size: int, replicas: int = 1):
+    """Transformers' ``DistributedConfig`` for shards over ``tensor_parallel_size`` ranks, copied
+    ``replicas`` times over the other ranks (FSDP over groups of one rank: plain copies)."""
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    if replicas == 1:
+        return DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size)
+    if "dp_replicate_size" not in inspect.signature(DistributedConfig).parameters:
+        raise ValueError(
+            f"tensor x data parallelism ({tensor_parallel_size} x {replicas} ranks) needs Transformers 5.23 or "
+            f"later (DistributedConfig's dp_replicate_size); this is {transformers.__version__}"
+        )
+    return DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size, dp_replicate_size=replicas)
 
 
 def tensor_parallel_size(model: torch.nn.Module) -> int:

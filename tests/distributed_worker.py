@@ -100,9 +100,9 @@ def online(model) -> None:
 
 def data_parallel(model_dir: str, tensor_parallel: bool) -> None:
     if tensor_parallel:
-        from transformers.distributed import DistributedConfig
+        from hf_cb.tensor_parallel import sharding_config
 
-        config = DistributedConfig(tp_plan="auto", tp_size=2, dp_replicate_size=2)
+        config = sharding_config(2, replicas=2)
         model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=config, dtype=torch.float32)
     else:
         dist.init_process_group("gloo")

@@ -4,6 +4,7 @@ rank runs is tests/distributed_worker.py. Every result must equal a single proce
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -12,13 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig
+from transformers.distributed import DistributedConfig
 
 from conftest import _COMMON, model_from_config, reference_generate, tiny_model
 from distributed_worker import MAX_NEW, PROMPTS, padded_batch
+from hf_cb import tensor_parallel
 from hf_cb.data_parallel import shard_by_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
+TP_TIMES_DP = "dp_replicate_size" in inspect.signature(DistributedConfig).parameters
 SEED = 61
 
 
@@ -103,6 +108,8 @@ def test_tensor_parallel_rank_that_departs_from_rank_0_stops_with_the_reason(mod
 
 @pytest.mark.parametrize("case, nproc", [("dp", 2), ("tp_dp", 4)], ids=["dp2", "tp2xdp2"])
 def test_data_parallel_equals_one_process(model, model_dir, greedy, case, nproc):
+    if case == "tp_dp" and not TP_TIMES_DP:
+        pytest.skip("tensor x data parallelism needs Transformers 5.23 or later (DistributedConfig's dp_replicate_size)")
     got = by_case(torchrun(ROOT / "tests" / "distributed_worker.py", case, str(model_dir), nproc=nproc))
     assert all(line["agree"] for line in got.values()), "ranks got different completions"
     assert got["greedy"]["result"] == greedy
@@ -114,8 +121,9 @@ def test_data_parallel_equals_one_process(model, model_dir, greedy, case, nproc)
 
 @pytest.mark.parametrize("script, nproc, args", [
     ("tensor_parallel.py", 2, ()),
+    ("tensor_parallel.py", 1, ()),
     ("data_parallel.py", 2, ()),
-], ids=["tensor_parallel", "data_parallel"])
+], ids=["tensor_parallel", "tensor_parallel_one_rank", "data_parallel"])
 def test_examples_print_the_completions(script, nproc, args):
     sys.path.insert(0, str(ROOT / "examples"))
     try:
@@ -138,3 +146,46 @@ def test_shard_by_tokens_balances_and_keeps_order():
     assert all(s == sorted(s) for s in shards)
     assert [sum(costs[i] for i in s) for s in shards] == [50, 50, 50]
     assert shard_by_tokens([3], 2) == [[0], []]  # a replica may get nothing
+
+
+class FakeMesh:
+    """What `tensor_parallel_group` reads of a DTensor's DeviceMesh."""
+
+    def __init__(self, names, sizes):
+        self.mesh_dim_names, self.sizes, self.ndim = names, dict(zip(names or ("",), sizes)), len(sizes)
+
+    def __getitem__(self, name):
+        return FakeMesh((name,), (self.sizes[name],))
+
+    def size(self):
+        return next(iter(self.sizes.values()))
+
+    def get_group(self):
+        return f"group of {self.mesh_dim_names}"
+
+
+@pytest.mark.parametrize("names, sizes, group", [
+    (None, (2,), "group of None"),  # Transformers before 5.24: tp_plan's 1-D mesh has no names
+    (("tp",), (2,), "group of ('tp',)"),
+    (("dp", "tp"), (2, 2), "group of ('tp',)"),
+    (("tp",), (1,), None),
+    (("fsdp",), (2,), None),
+], ids=["unnamed", "tp", "dp_tp", "one_rank", "fsdp_only"])
+def test_the_tensor_parallel_group_is_read_from_the_weights_mesh(monkeypatch, names, sizes, group):
+    weight = torch.nn.Parameter(torch.zeros(1))
+    weight.device_mesh = FakeMesh(names, sizes)
+    model = torch.nn.Linear(1, 1)
+    model.weight = weight
+    monkeypatch.setattr(tensor_parallel.dist, "is_initialized", lambda: True)
+    assert tensor_parallel.tensor_parallel_group(model) == group
+
+
+def test_sharding_config_names_the_transformers_that_tensor_x_data_parallelism_needs(monkeypatch):
+    class DistributedConfigOf517:  # Transformers 5.17-5.22: no dp_replicate_size
+        def __init__(self, tp_plan=None, tp_size=None):
+            self.tp_plan, self.tp_size = tp_plan, tp_size
+
+    monkeypatch.setattr("transformers.distributed.DistributedConfig", DistributedConfigOf517)
+    assert tensor_parallel.sharding_config(2).tp_size == 2
+    with pytest.raises(ValueError, match=r"2 x 2 ranks\) needs Transformers 5.23 or later"):
+        tensor_parallel.sharding_config(2, replicas=2)
