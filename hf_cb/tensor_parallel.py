@@ -54,7 +54,7 @@ def tensor_parallel_group(model: torch.nn.Module) -> "dist.ProcessGroup | None":
         names = mesh.mesh_dim_names or ()
         if "tp" in names:
             tp = mesh["tp"]
-        elif not names and mesh.ndim == 1:  # Transformers before 5.24: tp_plan's mesh has no names
+        elif not names and mesh.ndim == 1:  # Transformers before 5.23 (5.17 checked): an unnamed tp mesh
             tp = mesh
         else:
             continue

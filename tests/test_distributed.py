@@ -165,7 +165,7 @@ class FakeMesh:
 
 
 @pytest.mark.parametrize("names, sizes, group", [
-    (None, (2,), "group of None"),  # Transformers before 5.24: tp_plan's 1-D mesh has no names
+    (None, (2,), "group of None"),  # Transformers before 5.23 (5.17 checked): tp_plan's 1-D mesh has no names
     (("tp",), (2,), "group of ('tp',)"),
     (("dp", "tp"), (2, 2), "group of ('tp',)"),
     (("tp",), (1,), None),
