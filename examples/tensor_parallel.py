@@ -32,12 +32,11 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(path)
     prompts = TEXT_PROMPTS if len(sys.argv) > 1 else word_prompts(8)
     outs = model.generate_batch_continuous(prompts, tokenizer=tok, max_new_tokens=16, do_sample=False)
-    if not dist.is_initialized():  # one process: Transformers starts no process group
+    parallel = dist.is_initialized()  # one process: Transformers starts no process group
+    if not parallel or dist.get_rank() == 0:
         print_completions(prompts, outs)
-        return
-    if dist.get_rank() == 0:
-        print_completions(prompts, outs)
-    dist.destroy_process_group()
+    if parallel:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ def tensor_parallel_group(model: torch.nn.Module) -> "dist.ProcessGroup | None":
     return None
 
 
+def shards_can_be_replicated() -> bool:
+    """Whether this Transformers can copy tensor-parallel shards over replicas (TP x DP):
+    ``DistributedConfig``'s ``dp_replicate_size``, new in 5.23."""
+    from transformers.distributed import DistributedConfig
+
+    return "dp_replicate_size" in inspect.signature(DistributedConfig).parameters
+
+
 def sharding_config(tensor_parallel_size: int, replicas: int = 1):
     """Transformers' ``DistributedConfig`` for shards over ``tensor_parallel_size`` ranks, copied
     ``replicas`` times over the other ranks (FSDP over groups of one rank: plain copies)."""
@@ -70,7 +78,7 @@ def sharding_config(tensor_parallel_size: int, replicas: int = 1):
 
     if replicas == 1:
         return DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size)
-    if "dp_replicate_size" not in inspect.signature(DistributedConfig).parameters:
+    if not shards_can_be_replicated():
         raise ValueError(
             f"tensor x data parallelism ({tensor_parallel_size} x {replicas} ranks) needs Transformers 5.23 or "
             f"later (DistributedConfig's dp_replicate_size); this is {transformers.__version__}"

@@ -4,7 +4,6 @@ rank runs is tests/distributed_worker.py. Every result must equal a single proce
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.distributed import DistributedConfig
 
 from conftest import _COMMON, model_from_config, reference_generate, tiny_model
 from distributed_worker import MAX_NEW, PROMPTS, padded_batch
@@ -23,7 +21,6 @@ from hf_cb import tensor_parallel
 from hf_cb.data_parallel import shard_by_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-TP_TIMES_DP = "dp_replicate_size" in inspect.signature(DistributedConfig).parameters
 SEED = 61
 
 
@@ -108,7 +105,7 @@ def test_tensor_parallel_rank_that_departs_from_rank_0_stops_with_the_reason(mod
 
 @pytest.mark.parametrize("case, nproc", [("dp", 2), ("tp_dp", 4)], ids=["dp2", "tp2xdp2"])
 def test_data_parallel_equals_one_process(model, model_dir, greedy, case, nproc):
-    if case == "tp_dp" and not TP_TIMES_DP:
+    if case == "tp_dp" and not tensor_parallel.shards_can_be_replicated():
         pytest.skip("tensor x data parallelism needs Transformers 5.23 or later (DistributedConfig's dp_replicate_size)")
     got = by_case(torchrun(ROOT / "tests" / "distributed_worker.py", case, str(model_dir), nproc=nproc))
     assert all(line["agree"] for line in got.values()), "ranks got different completions"
