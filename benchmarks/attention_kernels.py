@@ -12,10 +12,9 @@ from __future__ import annotations
 import random
 
 import torch
-
 from throughput import median_seconds  # first: puts the repository on sys.path
 
-from hf_cb.flashinfer_backend import FlashInferBackend
+from hf_cb.attention.backends.flashinfer_backend import FlashInferBackend
 from hf_cb.manager import PageManager
 
 PS = 16

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from throughput import median_seconds  # first: puts the repository on sys.path
 from decode_kernels import capture
-from hf_cb.sampling import two_pass_argmax
+from throughput import median_seconds  # first: puts the repository on sys.path
+
+from hf_cb.sampling.sampler import two_pass_argmax
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}

@@ -29,7 +29,6 @@ import random
 
 import numpy as np
 import torch
-
 from throughput import median_seconds  # first: puts the repository on sys.path
 
 # name: (query heads, KV heads, head dim, rows, context lengths drawn from this range)
@@ -64,7 +63,7 @@ def scattered_pages(kv_lens: list[int], page_size: int) -> tuple[torch.Tensor, l
 def xqa_run(q, k, v, indptr, ids, last, page_size, layout, workspace):
     """TensorRT-LLM's XQA decode kernel as the engine runs it (`hf_cb.xqa_decode`; FlashInfer
     compiles it on first use), over the rows' pages as `scattered_pages` gives them."""
-    from hf_cb.xqa_decode import XQADecode
+    from hf_cb.attention.backends.xqa_decode import XQADecode
 
     width = int((indptr[1:] - indptr[:-1]).max())
     xqa = XQADecode(q.device, len(last), width, page_size, layout, workspace)

@@ -18,12 +18,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from config_args import parse_config
+from throughput import ALIASES, build_model, make_workload
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hf_cb
-from throughput import ALIASES, build_model, make_workload
-from config_args import parse_config
-from hf_cb.sampling import SamplingParams
+from hf_cb.sampling.params import SamplingParams
 
 
 def main() -> None:

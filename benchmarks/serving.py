@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import MODELS, build_model, make_workload  # noqa: E402
 
-from hf_cb.cli import add_engine_args, engine_config_from  # noqa: E402
+from hf_cb.cli.main import add_engine_args, engine_config_from  # noqa: E402
 
 TINY = ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096))
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     wl = make_workload("mixed", model.config.vocab_size, args.limit)
     engine_config = engine_config_from(args)
 
-    from hf_cb.online import OnlineEngine
+    from hf_cb.entrypoints.online import OnlineEngine
     from hf_cb.server import HTTPServer
 
     report = {"model": args.model, "workload": "S1 (W1 requests)", "requests": len(wl.prompts),

@@ -11,7 +11,6 @@ import json
 import time
 
 import torch
-
 from throughput import MODELS, build_model, make_workload  # first: puts the repository on sys.path
 
 import hf_cb

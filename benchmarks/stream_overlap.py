@@ -18,10 +18,8 @@ import argparse
 import random
 
 import torch
-
-from throughput import median_seconds  # first: puts the repository on sys.path
-
 from decode_kernels import capture, graph_decode_run
+from throughput import median_seconds  # first: puts the repository on sys.path
 
 # name: (hidden, intermediate, heads, KV heads, head dim, the workload's rows, its context lengths)
 MODELS = {"llama-8b": (4096, 14336, 32, 8, 128, 1024, (60, 386)),  # W4

@@ -18,13 +18,22 @@ import time
 from pathlib import Path
 
 import torch
-
-from throughput import ALIASES, WORKLOADS, Workload, build_model, make_workload, measure, measure_bandwidth, \
-    measure_matrix_rate, roofline_tokens_per_s, run_hf_cb
+from config_args import parse_config, parse_grid
+from throughput import (
+    ALIASES,
+    WORKLOADS,
+    Workload,
+    build_model,
+    make_workload,
+    measure,
+    measure_bandwidth,
+    measure_matrix_rate,
+    roofline_tokens_per_s,
+    run_hf_cb,
+)
 
 import hf_cb
-from config_args import parse_config, parse_grid
-from hf_cb.stats import StepStats
+from hf_cb.core.stats import StepStats
 
 
 def _run_fresh_stats(model, wl: Workload, config: hf_cb.EngineConfig, last: dict) -> list[list[int]]:

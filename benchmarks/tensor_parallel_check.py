@@ -27,8 +27,10 @@ from transformers.distributed import DistributedConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-import hf_cb  # noqa: E402
 from common import tiny_model_and_tokenizer, word_prompts  # noqa: E402
+
+import hf_cb  # noqa: E402, F401 - registers the attention function
+from hf_cb.distributed.tensor_parallel import tensor_parallel_size  # noqa: E402
 
 MAX_NEW = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +58,7 @@ def run(path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=DTYPE)
     ids = generate(model, AutoTokenizer.from_pretrained(path))
     if dist.get_rank() == 0:
-        print(json.dumps({"tensor_parallel_size": hf_cb.tensor_parallel.tensor_parallel_size(model), "ids": ids}))
+        print(json.dumps({"tensor_parallel_size": tensor_parallel_size(model), "ids": ids}))
     dist.destroy_process_group()
 
 

@@ -26,12 +26,21 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_cb  # noqa: E402
 from config_args import parse_config  # noqa: E402
 from workloads import (  # noqa: E402,F401 - the other scripts import these from here
-    ALIASES, MODELS, WORKLOADS, Workload, build_model, make_workload, measure_bandwidth, measure_matrix_rate,
-    median_seconds, roofline_tokens_per_s,
+    ALIASES,
+    MODELS,
+    WORKLOADS,
+    Workload,
+    build_model,
+    make_workload,
+    measure_bandwidth,
+    measure_matrix_rate,
+    median_seconds,
+    roofline_tokens_per_s,
 )
+
+import hf_cb  # noqa: E402
 
 SYSTEMS = ("hf_cb", "transformers-cb", "transformers-static")
 STATIC_BATCH = 128

@@ -17,11 +17,11 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from common import print_completions, save_tiny_model, word_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_cb
-from hf_cb.tensor_parallel import sharding_config
-from common import print_completions, save_tiny_model, word_prompts
+from hf_cb.distributed.tensor_parallel import sharding_config
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three laws of"]
 

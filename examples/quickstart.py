@@ -8,7 +8,7 @@ checkpoint, use AutoModelForCausalLM/AutoTokenizer.from_pretrained(path) instead
 from transformers import TextStreamer, pipeline
 
 import hf_cb  # registers the "hf_cb" attention and adds model.generate_batch_continuous
-from hf_cb.model_loader import load_model
+from hf_cb.entrypoints.model_loader import load_model
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is the largest planet?",
              "Write a haiku about the sea."]

@@ -14,11 +14,11 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from common import print_completions, save_tiny_model, word_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 import hf_cb  # noqa: F401 - adds model.generate_batch_continuous
-from common import print_completions, save_tiny_model, word_prompts
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 

@@ -1,5 +1,5 @@
 """``python -m hf_cb``: the ``hf-cb`` command line."""
 
-from .cli import main
+from hf_cb.cli.main import main
 
 main()

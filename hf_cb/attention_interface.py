@@ -2,8 +2,8 @@
 
 Inside an engine step the model's forward receives ``hf_cb_step=True`` (Transformers hands
 extra keywords of ``model(...)`` to every attention call); `PagedCache.update` has returned the
-layer's new K/V as they came, and `paged_attention` writes them into the layer's pages and
-attends each sequence's own pages through the current step's backend. Outside a step the
+layer's new K/V as they came, and the op `paged_attention` (`attention.ops`) writes them into
+the layer's pages and attends each sequence's own pages through the current step's backend. Outside a step the
 function is plain SDPA (eager where the layer needs a logit soft-cap), so the model stays usable
 for training and evaluation.
 """
@@ -11,40 +11,18 @@ for training and evaluation.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .paged_attention import paged_attention
-from .paged_cache import to_cache_dtype
+from hf_cb.attention.ops import paged_attention
+from hf_cb.paged_cache import to_cache_dtype
 
 ATTENTION_NAME = "hf_cb"
 STEP_KWARG = "hf_cb_step"
 KV_DTYPE_KWARG = "hf_cb_kv_dtype"  # the pages' dtype, handed in with STEP_KWARG
-
-
-class AttentionStep(Protocol):
-    """One planned step of an attention backend; built once per step, used by every layer."""
-
-    def write_kv(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> None:
-        """Write the step's new ``key``/``value`` (``[T, Hkv, D]``, in the pages' dtype) into their slots."""
-
-    def attend(
-        self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        *,
-        scaling: float,
-        sliding_window: int | None,
-        softcap: float | None,
-    ) -> torch.Tensor:
-        """Attention of the step's queries ``[T, H, D]`` over their sequences' pages."""
 
 
 def hf_cb_attention(

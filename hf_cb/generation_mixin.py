@@ -11,9 +11,11 @@ import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .config import EngineConfig
-from .engine import LLMEngine
-from .generation_args import (
+from hf_cb.core.config import EngineConfig
+from hf_cb.core.sequence import Completion, Sequence
+from hf_cb.engine.llm_engine import LLMEngine
+from hf_cb.engine.on_model import get_engine
+from hf_cb.entrypoints.generation_args import (
     STOCK_ONLY_KWARGS,
     is_integer_tensor,
     params_from_config,
@@ -22,10 +24,8 @@ from .generation_args import (
     unpad,
     unsupported_reason,
 )
-from .model_engine import get_engine
-from .sampling import random_seed, sample_seed
-from .sequence import Completion, Sequence
-from .stopping import StopStrings, StreamerFeed
+from hf_cb.entrypoints.stopping import StopStrings, StreamerFeed
+from hf_cb.sampling.params import random_seed, sample_seed
 
 _STOCK_GENERATE_ATTR = "_hf_cb_stock_generate"
 logger = logging.getLogger("hf_cb")

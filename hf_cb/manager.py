@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .prefix_cache import PrefixCache
+from hf_cb.core.prefix_cache import PrefixCache
 
 
 class OutOfPages(RuntimeError):

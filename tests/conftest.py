@@ -166,7 +166,7 @@ def converted(tmp_path_factory):
     the folder to point ``$HF_CB_CACHE`` at). The GGUF is loaded only once: a spy on
     ``load_model`` keeps what the conversion loaded (through the ``.gguf`` path branch) and its
     logits, the reference the converted folder must match exactly."""
-    from hf_cb import model_loader
+    from hf_cb.entrypoints import model_loader
 
     cache = tmp_path_factory.mktemp("hf_cb_cache")
     calls, records = [], []

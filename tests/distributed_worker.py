@@ -22,9 +22,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import hf_cb
-from hf_cb.online import Notifier, OnlineEngine, iterate
-from hf_cb.sampling import SamplingParams, random_seed
-from hf_cb.tensor_parallel import follow
+from hf_cb.entrypoints.online import Notifier, OnlineEngine, iterate
+from hf_cb.sampling.params import SamplingParams, random_seed
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # tp_plan= as a keyword is deprecated
 PROMPTS = [[(7 * i + 3 * j) % 500 + 3 for j in range(4 + 9 * i)] for i in range(5)]
@@ -80,7 +79,7 @@ def online(model) -> None:
     """Rank 0 serves requests as they come (an OnlineEngine); rank 1 follows its steps."""
     engine = hf_cb.get_engine(model, hf_cb.EngineConfig())
     if dist.get_rank() != 0:
-        follow(engine)
+        engine.follow()
         emit("online", None)
         return
     server = OnlineEngine(model)
@@ -100,7 +99,7 @@ def online(model) -> None:
 
 def data_parallel(model_dir: str, tensor_parallel: bool) -> None:
     if tensor_parallel:
-        from hf_cb.tensor_parallel import sharding_config
+        from hf_cb.distributed.tensor_parallel import sharding_config
 
         config = sharding_config(2, replicas=2)
         model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=config, dtype=torch.float32)

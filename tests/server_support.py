@@ -17,7 +17,7 @@ import pytest
 from conftest import chat_word_tokenizer, keep_engine, random_prompts, tiny_model, words
 
 import hf_cb
-from hf_cb.online import OnlineEngine
+from hf_cb.entrypoints.online import OnlineEngine
 
 if TYPE_CHECKING:
     import httpx

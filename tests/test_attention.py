@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from attention_cases import run_case
+
+from hf_cb.attention.backends.torch_backend import TorchAttentionBackend
 from hf_cb.paged_cache import PagedCache
-from hf_cb.torch_backend import TorchAttentionBackend
 
 PS = 4
 STEPS = {
@@ -73,7 +73,7 @@ def test_hnd_pages_seen_token_major():
 
 
 def test_decode_graphs_split_the_kv_only_where_rows_leave_sms_idle():
-    from hf_cb.flashinfer_backend import graph_split_kv
+    from hf_cb.attention.backends.flashinfer_backend import graph_split_kv
 
     # llama-1b (8 KV heads) on an H200 (132 SMs): 16 rows give 128 CTAs, fewer than the SMs;
     # 32 rows (W2) give 256 and run unsplit, without the merge kernel.

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import VOCAB, random_prompts, reference_generate, tiny_model
 from transformers import AutoModelForCausalLM, Qwen3NextConfig
 
 import hf_cb
-from conftest import VOCAB, random_prompts, reference_generate, tiny_model
 
 GOOD = random_prompts(3, 5, 30, seed=8)
 

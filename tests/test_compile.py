@@ -12,8 +12,8 @@ from conftest import random_prompts, reference_generate, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hf_cb
-import hf_cb.engine
-from hf_cb.performance import compile_forward
+import hf_cb.engine.llm_engine
+from hf_cb.performance.compile import compile_forward
 
 PROMPTS = random_prompts(6, 1, 40, seed=3)
 MAX_NEW = 8
@@ -22,7 +22,8 @@ MAX_NEW = 8
 @pytest.fixture
 def compile_counter(monkeypatch):
     counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(hf_cb.engine, "compile_forward", partial(compile_forward, backend=counter, fullgraph=True))
+    monkeypatch.setattr(hf_cb.engine.llm_engine, "compile_forward",
+                        partial(compile_forward, backend=counter, fullgraph=True))
     torch._dynamo.reset()
     torch._dynamo.utils.compilation_time_metrics.clear()
     yield counter
@@ -74,7 +75,7 @@ def test_embedding_outside_the_compiled_forward(name, embed_outside, monkeypatch
     ``inputs_embeds`` (Inductor's tuning of the lookup fused into the first norm varied between
     processes): the graph holds no embedding, and the output is unchanged."""
     counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(hf_cb.engine, "compile_forward",
+    monkeypatch.setattr(hf_cb.engine.llm_engine, "compile_forward",
                         partial(compile_forward, backend=counter, embed_outside=embed_outside))
     torch._dynamo.reset()
     model = tiny_model(name)

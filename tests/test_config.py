@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import hf_cb
-from hf_cb.config import default_max_num_seqs
-from conftest import tiny_model
+from hf_cb.core.config import default_max_num_seqs
 
 GiB = 1 << 30
 

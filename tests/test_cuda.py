@@ -9,12 +9,12 @@ import importlib.util
 
 import pytest
 import torch
+from attention_cases import run_case
+from conftest import model_from_config, random_prompts
 from transformers import LlamaConfig, Qwen3Config
 
 import hf_cb
-from attention_cases import run_case
-from conftest import model_from_config, random_prompts
-from hf_cb.flashinfer_backend import FlashInferBackend
+from hf_cb.attention.backends.flashinfer_backend import FlashInferBackend
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from conftest import random_prompts, word_tokenizer, words
+from test_cuda import LOGIT_TOL, PROMPTS, pytestmark, teacher_forced_gaps, tiny_gpu_model  # noqa: F401
 
 import hf_cb
-from conftest import random_prompts, word_tokenizer, words
-from hf_cb.online import OnlineEngine
-from hf_cb.sampling import SamplingParams
-from test_cuda import LOGIT_TOL, PROMPTS, pytestmark, teacher_forced_gaps, tiny_gpu_model  # noqa: F401
+from hf_cb.entrypoints.online import OnlineEngine
+from hf_cb.sampling.params import SamplingParams
 
 MAX_NEW = [(i * 5) % 40 + 2 for i in range(len(PROMPTS))]
 

@@ -4,10 +4,10 @@ torch.compile on), and `sleep` / `wake_up`. Greedy tokens are checked teacher-fo
 import random
 
 import torch
-
-import hf_cb
 from conftest import random_prompts
 from test_cuda import LOGIT_TOL, pytestmark, teacher_forced_gaps, tiny_gpu_model  # noqa: F401
+
+import hf_cb
 
 
 def shared_prefix_prompts(n: int, seed: int) -> list[list[int]]:
@@ -83,7 +83,7 @@ def test_sleep_frees_the_pool_and_wake_up_restores_it():
 def test_compiled_draw_equals_the_eager_one():
     """The sampler's draw is compiled on CUDA (one kernel instead of a dozen passes); it must
     draw what the eager code draws from the same seeds."""
-    from hf_cb.sampling import _draw, draw
+    from hf_cb.sampling.sampler import _draw, draw
 
     torch.manual_seed(0)
     for rows, vocab in ((3, 1000), (1024, 128256)):

@@ -1,9 +1,9 @@
 """Incremental detokenization and OpenAI-style stop strings."""
 
 import pytest
-
 from conftest import byte_tokenizer, word_tokenizer
-from hf_cb.detokenizer import IncrementalDetokenizer
+
+from hf_cb.entrypoints.detokenizer import IncrementalDetokenizer
 
 TEXT = "hello 你好, wörld 😀 the capital of France is Paris 🇫🇷!"
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
 from conftest import _COMMON, model_from_config, reference_generate, tiny_model
 from distributed_worker import MAX_NEW, PROMPTS, padded_batch
-from hf_cb import tensor_parallel
-from hf_cb.data_parallel import shard_by_tokens
+from transformers import LlamaConfig
+
+from hf_cb.distributed import tensor_parallel
+from hf_cb.entrypoints.data_parallel import shard_by_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 61

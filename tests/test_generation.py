@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
+from conftest import MODEL_CONFIGS, random_prompts, reference_generate, tiny_model
 
 import hf_cb
-from conftest import MODEL_CONFIGS, random_prompts, reference_generate, tiny_model
 
 N_PROMPTS = 24
 PROMPTS = random_prompts(N_PROMPTS, 1, 200, seed=1)

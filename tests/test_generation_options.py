@@ -4,10 +4,10 @@ OpenAI's penalties in `generate_batch_continuous`."""
 
 import pytest
 import torch
+from conftest import byte_tokenizer, random_prompts, reference_generate, tiny_model, word_tokenizer
 from transformers import TextIteratorStreamer, TextStreamer
 
 import hf_cb
-from conftest import byte_tokenizer, random_prompts, reference_generate, tiny_model, word_tokenizer
 
 PROMPTS = random_prompts(6, 3, 40, seed=21)
 

@@ -10,8 +10,8 @@ from conftest import random_prompts, reference_generate, tiny_model
 from fp8_reference import fp8_kv_forward
 
 import hf_cb
+from hf_cb.attention.backends.xqa_decode import dense_page_table, unsupported_reason
 from hf_cb.paged_cache import FP8, FP8_MAX, to_cache_dtype
-from hf_cb.xqa_decode import dense_page_table, unsupported_reason
 
 PROMPTS = random_prompts(6, 1, 60, seed=5)
 MAX_NEW = 10

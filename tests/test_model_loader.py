@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import chat_ids
 from safetensors import safe_open
 
-from conftest import chat_ids
-from hf_cb import model_loader
-from hf_cb.model_loader import DEFAULT_MODEL_NAME, load_model, resolve_device, resolve_dtype
+from hf_cb.entrypoints import model_loader
+from hf_cb.entrypoints.model_loader import DEFAULT_MODEL_NAME, load_model, resolve_device, resolve_dtype
+
 
 @pytest.fixture(scope="module")
 def reloaded(converted):

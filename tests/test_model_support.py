@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import _COMMON, VOCAB, model_from_config, random_prompts, reference_generate, tiny_model
 from torch import nn
 from transformers import BioGptConfig, LlamaConfig, LlamaForCausalLM, StableLmConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hf_cb
-from conftest import _COMMON, VOCAB, model_from_config, random_prompts, reference_generate, tiny_model
-from hf_cb.model_support import probe_attention
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from hf_cb.model_support.probe import probe_attention
 
 # BioGPT has no GQA: every head keeps its K/V.
 _MHA = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}

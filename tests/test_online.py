@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
+from conftest import random_prompts, reference_generate, tiny_model, word_tokenizer, words
 
 import hf_cb
-from conftest import random_prompts, reference_generate, tiny_model, word_tokenizer, words
-from hf_cb.online import EngineDeadError, OnlineEngine, RequestFailed, iterate_async
-from hf_cb.sampling import SamplingParams
+from hf_cb.entrypoints.online import EngineDeadError, OnlineEngine, RequestFailed, iterate_async
+from hf_cb.sampling.params import SamplingParams
 
 PROMPTS = random_prompts(16, 1, 120, seed=21)
 MAX_NEW = [random.Random(22).randint(1, 20) for _ in PROMPTS]
@@ -122,7 +122,7 @@ def test_n_streams_with_one_notifier_and_stop_strings(model_and_refs):
     stop = words(ref[4:6])  # two words in the middle of the greedy output
 
     async def main():
-        from hf_cb.online import AsyncNotifier
+        from hf_cb.entrypoints.online import AsyncNotifier
 
         notifier = AsyncNotifier()
         streams = [online.submit(prompt, SamplingParams(12), notifier=notifier, stop=[stop]) for _ in range(3)]

@@ -17,7 +17,7 @@ import httpx  # noqa: E402
 from conftest import random_prompts, saved_model, tiny_model, word_tokenizer  # noqa: E402
 from serve_process import hf_cb, serving  # noqa: E402
 
-from hf_cb.online import OnlineEngine  # noqa: E402
+from hf_cb.entrypoints.online import OnlineEngine  # noqa: E402
 from hf_cb.server import HTTPServer  # noqa: E402
 from hf_cb.server.http_server import join  # noqa: E402
 from hf_cb.server.router import Router  # noqa: E402
@@ -119,7 +119,7 @@ class _Engine:
 
 
 def test_router_sends_each_request_to_the_least_loaded_engine():
-    from hf_cb.sampling import SamplingParams
+    from hf_cb.sampling.params import SamplingParams
 
     a, b = _Engine(100, running=2, usage=0.5), _Engine(0, running=1, usage=0.1)
     router = Router(a)

@@ -1,10 +1,10 @@
 """`pipeline("text-generation")` and text prompts through hf_cb."""
 
 import torch
+from conftest import random_prompts, tiny_model, word_tokenizer, words
 from transformers import pipeline
 
 import hf_cb
-from conftest import random_prompts, tiny_model, word_tokenizer, words
 
 
 def test_pipeline_batches_give_the_same_texts_with_and_without_hf_cb():

@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import VOCAB, random_prompts, reference_generate, tiny_model
 
 import hf_cb
-from conftest import VOCAB, random_prompts, reference_generate, tiny_model
+from hf_cb.core.prefix_cache import page_hashes
 from hf_cb.manager import OutOfPages, PageManager
-from hf_cb.prefix_cache import page_hashes
 
 PS = 8
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_prompts, reference_generate, tiny_model
 from transformers import GenerationMixin
 
 import hf_cb
-from conftest import random_prompts, reference_generate, tiny_model
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import random_prompts, reference_generate, tiny_model
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -11,8 +12,8 @@ from transformers.generation.logits_process import (
 )
 
 import hf_cb
-from conftest import random_prompts, reference_generate, tiny_model
-from hf_cb.sampling import SamplingParams, make_sampling_batch, sample, uniform_noise
+from hf_cb.sampling.params import SamplingParams
+from hf_cb.sampling.sampler import make_sampling_batch, sample, uniform_noise
 
 V = 64
 
@@ -80,7 +81,7 @@ def test_repetition_penalty_matches_transformers():
     seen = [[1, 5, 5, 9], [3], [2, 4, 6, 8, 10]]
     params = [SamplingParams(4, repetition_penalty=r) for r in (1.3, 0.7, 1.0)]
     batch = make_sampling_batch(params, [0, 0, 0], seen, [0, 0, 0], V, torch.device("cpu"))
-    from hf_cb.sampling import apply_repetition_penalty
+    from hf_cb.sampling.sampler import apply_repetition_penalty
 
     ours = apply_repetition_penalty(logits, batch.penalty_ids, batch.penalty)
     for row, (ids, p) in enumerate(zip(seen, params)):
@@ -145,7 +146,7 @@ def test_greedy_repetition_penalty_and_min_new_tokens_equal_generate(llama):
 def test_greedy_tokens_is_argmax_with_ties(rows, vocab):
     # The two-pass argmax of a few rows must pick argmax's token, the first of tied maxima,
     # whether the tie is within one part or across parts.
-    from hf_cb.sampling import argmax_parts, greedy_tokens
+    from hf_cb.sampling.sampler import argmax_parts, greedy_tokens
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, vocab, generator=g)

@@ -14,7 +14,7 @@ import pytest
 from conftest import random_prompts, tiny_model, word_tokenizer
 
 import hf_cb
-from hf_cb.online import OnlineEngine
+from hf_cb.entrypoints.online import OnlineEngine
 
 HTTPServer = pytest.importorskip("hf_cb.server").HTTPServer  # the serve extra; the GPU machine lacks it
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_cb.config import EngineConfig
-from hf_cb.flashinfer_backend import split_parts, step_arrays
+from hf_cb.attention.backends.flashinfer_backend import split_parts, step_arrays
+from hf_cb.core.config import EngineConfig
+from hf_cb.core.scheduler import Scheduler
+from hf_cb.core.sequence import Sequence
 from hf_cb.manager import PageManager
-from hf_cb.sampling import SamplingParams
-from hf_cb.scheduler import Scheduler
-from hf_cb.sequence import Sequence
+from hf_cb.sampling.params import SamplingParams
 
 PS = 4
 

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from ..streams import EngineDeadError, RequestStream
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .serving import (
+from hf_cb.entrypoints.streams import EngineDeadError, RequestStream
+from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest
+from hf_cb.server.serving import (
     ENGINE_ERRORS,
     APIError,
     SamplingDefaults,

@@ -16,10 +16,10 @@ from itertools import count
 from multiprocessing.connection import Listener
 from typing import Any
 
-from ..limits import RequestLimits
-from ..sampling import SamplingParams
-from ..streams import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
-from .http_server import ADDRESS_ENV, KEY_ENV, FrontendSettings
+from hf_cb.core.limits import RequestLimits
+from hf_cb.entrypoints.streams import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
+from hf_cb.sampling.params import SamplingParams
+from hf_cb.server.http_server import ADDRESS_ENV, KEY_ENV, FrontendSettings
 
 _ERRORS = {"dead": EngineDeadError, "bad": ValueError, "failed": RequestFailed}
 
@@ -128,8 +128,8 @@ def serve(conn, settings: FrontendSettings, tokenizer: Any, listener: Listener |
     server stops when any of them goes away."""
     import uvicorn
 
-    from .app import create_app
-    from .router import Router
+    from hf_cb.server.app import create_app
+    from hf_cb.server.router import Router
 
     server: uvicorn.Server | None = None
 

@@ -1,6 +1,6 @@
 """`HTTPServer`: the OpenAI-compatible API for an `OnlineEngine`, served by a process of its own.
 
-Measured on an H200 (llama-1b, S1 all at once; README): with the step loop and the HTTP server
+Measured on an H200 (llama-1b, S1 all at once; docs/performance.md): with the step loop and the HTTP server
 in one process, the server's text, SSE and metrics work (~30 us per streamed chunk, 256 chunks a
 step) held the GIL that the step loop needs, and the server ran at 0.50 of offline throughput.
 So, as vLLM does, the two run in two processes: the model, its engine and `generate` stay where
@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Client
 from typing import Any
 
-from ..limits import RequestLimits
-from ..online import OnlineEngine
-from ..sampling import SamplingParams
-from ..streams import EngineDeadError, EngineStream
-from .serving import SamplingDefaults, generation_defaults
+from hf_cb.core.limits import RequestLimits
+from hf_cb.entrypoints.online import OnlineEngine
+from hf_cb.entrypoints.streams import EngineDeadError, EngineStream
+from hf_cb.sampling.params import SamplingParams
+from hf_cb.server.serving import SamplingDefaults, generation_defaults
 
 logger = logging.getLogger("hf_cb")
 ADDRESS_ENV, KEY_ENV = "HF_CB_FRONTEND_ADDRESS", "HF_CB_FRONTEND_KEY"

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from ..sampling import MAX_LOGPROBS
+from hf_cb.sampling.params import MAX_LOGPROBS
 
 
 class StreamOptions(BaseModel):

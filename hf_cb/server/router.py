@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from ..sampling import SamplingParams
+from hf_cb.sampling.params import SamplingParams
 
 
 class Router:

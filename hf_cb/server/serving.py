@@ -14,11 +14,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sampling import SamplingParams, sample_seed
-from ..sequence import TokenLogprob
-from ..streams import AsyncNotifier, EngineDeadError, RequestFailed, RequestOutput, RequestStream, iterate_async
-from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest
+from hf_cb.core.sequence import TokenLogprob
+from hf_cb.entrypoints.streams import (
+    AsyncNotifier,
+    EngineDeadError,
+    RequestFailed,
+    RequestOutput,
+    RequestStream,
+    iterate_async,
+)
+from hf_cb.sampling.params import SamplingParams, sample_seed
+from hf_cb.server.metrics import Metrics
+from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 class APIError(Exception):

@@ -1,0 +1,1 @@
+"""``hf-cb``: the command line (``serve``, ``generate``) and the launcher of parallel ranks."""

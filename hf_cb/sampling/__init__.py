@@ -1,0 +1,1 @@
+"""Sampling: `SamplingParams` (what a request asks) and the vectorised sampler a step runs."""
