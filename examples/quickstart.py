@@ -8,14 +8,13 @@ checkpoint, use AutoModelForCausalLM/AutoTokenizer.from_pretrained(path) instead
 from transformers import TextStreamer, pipeline
 
 import hf_cb  # registers the "hf_cb" attention and adds model.generate_batch_continuous
-from hf_cb.entrypoints.model_loader import load_model
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is the largest planet?",
              "Write a haiku about the sea."]
 
 
 def main() -> None:
-    loaded = load_model()  # the embedded default model, on CUDA if there is one
+    loaded = hf_cb.load_model()  # the embedded default model, on CUDA if there is one
     model, tok = loaded.model, loaded.tokenizer
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
              for q in QUESTIONS]
