@@ -27,7 +27,9 @@ def parse_config(items: list[str]) -> dict:
 def _parse_value(text: str):
     if text in ("True", "False", "None"):
         return {"True": True, "False": False, "None": None}[text]
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    for kind in (int, float):  # memory_utilization=0.5 is a float, page_size=64 an int
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

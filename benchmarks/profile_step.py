@@ -17,9 +17,11 @@ import pstats
 import time
 from contextlib import nullcontext
 
+from throughput import ALIASES, build_model, make_workload  # first: puts the repository on sys.path
+
+# isort: split
 import torch
 from config_args import parse_config
-from throughput import ALIASES, build_model, make_workload
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hf_cb

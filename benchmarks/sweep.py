@@ -17,9 +17,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from config_args import parse_config, parse_grid
-from throughput import (
+from throughput import (  # first: puts the repository on sys.path
     ALIASES,
     WORKLOADS,
     Workload,
@@ -31,6 +29,10 @@ from throughput import (
     roofline_tokens_per_s,
     run_hf_cb,
 )
+
+# isort: split
+import torch
+from config_args import parse_config, parse_grid
 
 import hf_cb
 from hf_cb.core.stats import StepStats
