@@ -96,3 +96,43 @@ def test_hnd_pages_need_flashinfer(model):
     with pytest.raises(ValueError, match="unknown EngineConfig.kv_layout"):
         hf_cb.EngineConfig(kv_layout="NDH")
     assert model.generate_batch_continuous([[5, 6]], max_new_tokens=2)[0].token_ids  # the engine still serves
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", 2**64, "top_k is outside the 64-bit integer range"),
+    ("top_k", True, "top_k must be an integer"),
+    ("max_new_tokens", 2.0, "max_new_tokens must be an integer"),
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("top_p", "0.5", "top_p must be a finite number"),
+    ("eos_token_ids", (2, 2**63), r"eos_token_ids\[1\] is outside the 64-bit integer range"),
+    ("logprobs", 1.5, "logprobs must be an integer"),
+    ("do_sample", 1, "do_sample must be a bool"),
+])
+def test_sampling_params_hold_only_what_a_step_can(field, value, message):
+    """Every value the step's tensors take is checked when the request is made: an int past 64
+    bits once failed the whole step, and every request in it."""
+    kwargs = {"max_new_tokens": 4, field: value}
+    with pytest.raises(ValueError, match=message):
+        hf_cb.SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, "7", True])
+def test_a_seed_past_64_bits_is_refused_at_admission(model, seed):
+    engine = hf_cb.get_engine(model)
+    with pytest.raises(ValueError, match="seed"):
+        engine.add_request(GOOD[0], hf_cb.SamplingParams(4, do_sample=True), seed)
+    online = hf_cb.OnlineEngine(model)
+    try:
+        with pytest.raises(ValueError, match="seed"):
+            online.submit(GOOD[0], hf_cb.SamplingParams(4, do_sample=True), seed=seed)
+    finally:
+        online.shutdown()
+    assert_still_serves(model)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(model):
+    """Below 1e-5 (vLLM's epsilon) a temperature picks the argmax: 1e-300 is 0 in float32 and
+    dividing the logits by it gave NaN."""
+    greedy = model.generate_batch_continuous(GOOD, max_new_tokens=6, do_sample=False)
+    tiny = model.generate_batch_continuous(GOOD, max_new_tokens=6, do_sample=True, temperature=1e-300, seed=3)
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in greedy]

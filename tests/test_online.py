@@ -10,7 +10,7 @@ import pytest
 from conftest import random_prompts, reference_generate, tiny_model, word_tokenizer, words
 
 import hf_cb
-from hf_cb.entrypoints.online import EngineDeadError, OnlineEngine, RequestFailed, iterate_async
+from hf_cb.entrypoints.online import EngineDeadError, Notifier, OnlineEngine, RequestFailed, iterate_async
 from hf_cb.sampling.params import SamplingParams
 
 PROMPTS = random_prompts(16, 1, 120, seed=21)
@@ -81,8 +81,11 @@ def test_abort_frees_pages_and_others_finish(model_and_refs):
         for s, ref in zip(kept, refs[4:8]):
             assert sum((o.token_ids for o in s), []) == ref
         assert_idle(online)
-        # An aborted stream ends with finish_reason "abort" or simply stops yielding.
-        assert all(s.seq.finish_reason == "abort" for s in doomed)
+        # Each aborted stream ends, with the tokens it had and finish_reason "abort" (reading one
+        # used to wait forever).
+        for s in doomed:
+            outs = list(s)
+            assert outs[-1].finish_reason == "abort" and s.seq.finish_reason == "abort"
     finally:
         online.shutdown()
 
@@ -160,28 +163,78 @@ def test_bad_request_is_refused_at_submit_and_the_engine_serves(model_and_refs):
         online.shutdown()
 
 
-@pytest.mark.parametrize("failing_call", [2, 1], ids=["running", "admitting"])
-def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(model_and_refs, monkeypatch, failing_call):
-    model, refs = model_and_refs
-    online = OnlineEngine(model)
-    runner = online.engine.runner
+def failing_launch(monkeypatch, runner, fails):
+    """Make ``runner.launch`` raise for the batches ``fails(batch, call_number)`` picks."""
     real, calls = runner.launch, []
 
-    def failing(batch, prev):
-        calls.append(1)
-        if len(calls) == failing_call:
+    def launch(batch, prev):
+        calls.append(batch)
+        if fails(batch, len(calls)):
             raise RuntimeError("simulated failure")
         return real(batch, prev)
 
-    monkeypatch.setattr(runner, "launch", failing)
+    monkeypatch.setattr(runner, "launch", launch)
+    return calls
+
+
+def tokens_of(stream):
+    return sum((o.token_ids for o in stream), [])
+
+
+@pytest.mark.parametrize("failing_call", [2, 1], ids=["running", "admitting"])
+def test_a_step_that_fails_once_fails_no_request(model_and_refs, monkeypatch, failing_call):
+    """Its requests are computed again, alone, and give the tokens they would have given."""
+    model, refs = model_and_refs
+    online = OnlineEngine(model)
+    failing_launch(monkeypatch, online.engine.runner, lambda batch, call: call == failing_call)
     try:
-        stream = online.submit(PROMPTS[1], SamplingParams(50))
-        with pytest.raises(RequestFailed, match="simulated failure"):
-            list(stream)
-        assert online.is_alive
-        monkeypatch.undo()
-        assert sum((o.token_ids for o in online.submit(PROMPTS[2], greedy(MAX_NEW[2]))), []) == refs[2]
+        streams = [online.submit(PROMPTS[i], greedy(MAX_NEW[i])) for i in range(4)]
+        assert [tokens_of(s) for s in streams] == refs[:4]
         assert_idle(online)
+    finally:
+        online.shutdown()
+
+
+def test_a_request_whose_steps_fail_fails_alone(model_and_refs, monkeypatch):
+    """The others of its steps are computed again and finish as they would have: greedy ones
+    equal generate, a seeded sampled one draws the same tokens."""
+    model, refs = model_and_refs
+    poison = [7, 7, 7, 3]  # its steps always fail
+    sampled = SamplingParams(12, do_sample=True, temperature=0.9, top_k=50)
+    online = OnlineEngine(model)
+    try:
+        expected_sample = tokens_of(online.submit(PROMPTS[5], sampled, seed=11))
+        calls = failing_launch(monkeypatch, online.engine.runner,
+                               lambda batch, call: any(s.prompt_ids == poison for s in batch.seqs))
+        streams = [online.submit(PROMPTS[i], greedy(MAX_NEW[i])) for i in range(4)]
+        bad = online.submit(poison, greedy(10))
+        lucky = online.submit(PROMPTS[5], sampled, seed=11)
+        with pytest.raises(RequestFailed, match="simulated failure"):
+            list(bad)
+        assert [tokens_of(s) for s in streams] == refs[:4]
+        assert tokens_of(lucky) == expected_sample
+        assert any(len(b.seqs) == 1 and b.seqs[0].prompt_ids == poison for b in calls)  # it ran alone
+        assert_idle(online)
+        monkeypatch.undo()
+        assert tokens_of(online.submit(PROMPTS[2], greedy(MAX_NEW[2]))) == refs[2]
+    finally:
+        online.shutdown()
+
+
+def test_a_failure_of_the_batch_fails_its_requests_once_each_passed_alone(model_and_refs, monkeypatch):
+    """A step that fails for its size, not for a request: each passes alone, so when they fail
+    together again they fail, rather than being isolated forever; the engine serves on."""
+    model, refs = model_and_refs
+    online = OnlineEngine(model)
+    failing_launch(monkeypatch, online.engine.runner, lambda batch, call: len(batch.seqs) > 1)
+    try:
+        notifier = Notifier()
+        streams = [online.submit(PROMPTS[i], SamplingParams(40), notifier=notifier) for i in range(3)]
+        for stream in streams:
+            with pytest.raises(RequestFailed, match="simulated failure"):
+                list(stream)
+        assert_idle(online)
+        assert tokens_of(online.submit(PROMPTS[2], greedy(MAX_NEW[2]))) == refs[2]
     finally:
         online.shutdown()
 

@@ -10,6 +10,10 @@ prefix (always leaving at least one token to compute, whose logits it needs), an
 pages are cached once computed. A waiting sequence whose next page a running sequence is about
 to compute waits a step and takes it from the cache: the ``n`` samples of a prompt, or requests
 sharing a system prompt that arrive together, prefill it once.
+
+After a step fails, the engine puts back every sequence it touched (`requeue`) and names the ones
+that have not yet run a step alone as suspects (`isolate`): until each suspect has sampled a token
+in a step of its own, steps run one suspect alone. A failure then names its cause.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Scheduler:
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.suspects: deque[Sequence] = deque()  # run alone, one by one, after a failed step
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -78,6 +83,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        if self.suspects:
+            return self._schedule_alone(self.suspects[0])
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
         preemptions_before = self.num_preemptions
@@ -121,6 +128,53 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
 
+    def _schedule_alone(self, seq: Sequence) -> ScheduledBatch:
+        """A step of ``seq`` and nothing else: its next chunk, preempting other running sequences
+        for its pages and its slot (they keep theirs otherwise, and wait)."""
+        batch = ScheduledBatch([], [])
+        if seq.status is SequenceStatus.WAITING:
+            prefix, _ = self._cached_prefix(seq)
+            num_cached = len(prefix) * self.page_size
+            n = min(seq.num_tokens - num_cached, self.max_num_batched_tokens)
+            while self.running and not (len(self.running) < self.max_num_seqs
+                                        and self.manager.can_allocate(seq.seq_id, num_cached + n, prefix)):
+                self._preempt(self.running[-1])
+            if not self.manager.can_allocate(seq.seq_id, num_cached + n, prefix):
+                return batch  # the pool cannot hold it even alone; the engine says so
+            self.manager.allocate(seq.seq_id, num_cached + n, prefix)
+            self._start_at(seq, num_cached, len(prefix))
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            n = min(seq.num_tokens - seq.num_cached_tokens, self.max_num_batched_tokens)
+            if not self._make_room(seq, seq.num_cached_tokens + n, spare=seq):
+                return batch
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(n)
+        return batch
+
+    def isolate(self, seqs: list[Sequence]) -> None:
+        """Run each of ``seqs`` alone, in order, until it has sampled a token."""
+        self.suspects.extend(seqs)
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put sequences a failed step may have touched back to be computed again from their
+        resolved tokens: their pages are freed, tokens still pending dropped (the same ones are
+        drawn again: sampling is a function of the seed and the position), and a sequence that
+        had finished on its pending token is unfinished. They wait at the front, in order."""
+        for seq in reversed(seqs):
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self.manager.free(seq.seq_id)
+            elif seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+            seq.truncate(seq.num_resolved)
+            seq.finish_reason = None
+            seq.num_cached_tokens = seq.num_registered_pages = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
         """(the cached pages a waiting sequence starts from, how many pages could have been)."""
         if not self.caching:
@@ -154,13 +208,13 @@ class Scheduler:
             self.manager.register(seq.seq_id, hashes[:full], seq.num_registered_pages)
             seq.num_registered_pages = full
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Allocate pages for ``seq``, preempting the newest running sequences as needed.
-        Returns False when ``seq`` itself had to be preempted."""
+    def _make_room(self, seq: Sequence, num_tokens: int, spare: Sequence | None = None) -> bool:
+        """Allocate pages for ``seq``, preempting the newest running sequences (but ``spare``)
+        as needed. Returns False when ``seq`` itself had to be preempted."""
         if self.manager.pages_needed(seq.seq_id, num_tokens) == 0:  # most decode rows
             return True
         while not self.manager.can_allocate(seq.seq_id, num_tokens):
-            victim = self.running[-1]
+            victim = next((s for s in reversed(self.running) if s is not spare), seq)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -168,7 +222,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.pop()
+        self.running.remove(seq)
         self.manager.free(seq.seq_id)
         seq.num_cached_tokens = seq.num_registered_pages = 0
         seq.status = SequenceStatus.WAITING
@@ -208,6 +262,9 @@ class Scheduler:
             if seq.resolve(index, token, logprobs[k] if logprobs is not None else None) and not seq.is_finished:
                 self._finish(seq)
                 finished = True
+            if self.suspects and seq is self.suspects[0]:  # it ran a step alone, and that step passed
+                self.suspects.popleft()
+                seq.passed_alone = True
             updated.append(seq)
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
@@ -216,6 +273,8 @@ class Scheduler:
         return updated
 
     def _finish(self, seq: Sequence) -> None:
+        if seq in self.suspects:
+            self.suspects.remove(seq)
         if self.caching and self.manager.has(seq.seq_id):
             self._register(seq)  # its last full pages (a chat's next turn starts with them)
         seq.status = SequenceStatus.FINISHED

@@ -61,6 +61,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_pages: int = 0
     num_prefix_hit_tokens: int | None = None
+    # After a failed step: whether it has since sampled a token in a step of its own (so a later
+    # failure of a step it shares is not its own).
+    passed_alone: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

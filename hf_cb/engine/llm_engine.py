@@ -19,12 +19,13 @@ from hf_cb.attention.backends.selector import make_backend
 from hf_cb.attention_interface import ATTENTION_NAME, register
 from hf_cb.core.config import EngineConfig
 from hf_cb.core.limits import RequestLimits
-from hf_cb.core.scheduler import Scheduler
+from hf_cb.core.scheduler import ScheduledBatch, Scheduler
 from hf_cb.core.sequence import FinishReason, Sequence
 from hf_cb.core.stats import StepStats
 from hf_cb.distributed.tensor_parallel import TensorParallel, tensor_parallel_group
 from hf_cb.engine.kv_budget import pages_that_fit, step_peak_bytes, worst_case_step
 from hf_cb.engine.lifecycle import EngineLifecycle
+from hf_cb.engine.recovery import Recovery
 from hf_cb.engine.tp_rank import TensorParallelRank
 from hf_cb.engine.weights import weights_state
 from hf_cb.manager import PageManager
@@ -34,13 +35,13 @@ from hf_cb.paged_cache import PagedCache, kv_cache_dtype
 from hf_cb.performance.compile import compile_forward, frozen_heap
 from hf_cb.performance.cuda_graphs import DecodeGraphs
 from hf_cb.performance.fused_projections import FusedGroup, fuse_projections
-from hf_cb.sampling.params import SamplingParams
+from hf_cb.sampling.params import SamplingParams, check_seed
 from hf_cb.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger("hf_cb")
 
 
-class LLMEngine(EngineLifecycle, TensorParallelRank):
+class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
     """Continuous batching over a paged KV cache for one Transformers causal LM."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None):
@@ -87,6 +88,7 @@ class LLMEngine(EngineLifecycle, TensorParallelRank):
         model.set_attn_implementation(ATTENTION_NAME)
         self._seq_ids = count()
         self._in_flight: StepHandle | None = None
+        self._failing: ScheduledBatch | None = None  # the step being launched or resolved
         self.owner = None  # the OnlineEngine whose thread steps this engine, if any
         self.num_generated_tokens = 0
         self.stats = StepStats()
@@ -180,6 +182,7 @@ class LLMEngine(EngineLifecycle, TensorParallelRank):
         """Queue a request (checked first); it runs from the next `step`. A sleeping engine
         wakes up."""
         self.check_request(index, prompt_ids, params)
+        check_seed(seed)
         self.wake_up()
         seq = Sequence(next(self._seq_ids), list(prompt_ids), params, seed, index)
         self.scheduler.add(seq)
@@ -211,34 +214,18 @@ class LLMEngine(EngineLifecycle, TensorParallelRank):
         if self.tp is not None:  # tensor parallel: apply rank 0's requests and aborts first
             self._apply_leader_ops(self.tp.sync())
         updated: list[Sequence] = []
-        prev, self._in_flight = self._in_flight, None
+        prev = self._in_flight  # stays in flight until resolved: `recover` reads it after an error
         if prev is not None and not self._can_overlap():
             updated += self._resolve(prev)
-            prev = None
+            prev = self._in_flight = None
         handle = self._launch_next(prev) if self.scheduler.has_unfinished() else None
         if prev is not None:
             updated += self._resolve(prev)
-        self._in_flight = handle
+        self._in_flight, self._failing = handle, None
         return updated
 
     def _can_overlap(self) -> bool:
         return self.config.async_scheduling and not any(s.params.needs_history for s in self.scheduler.running)
-
-    def abort_all(self) -> list[Sequence]:
-        """Drop the step in flight and every queued sequence, freeing their pages (after an
-        error, so that the engine stays usable); return the sequences dropped."""
-        return [] if self.asleep else self._abort([*self.scheduler.running, *self.scheduler.waiting])
-
-    def abort_running(self) -> list[Sequence]:
-        """After a failed step: drop the step in flight and the sequences it may have touched
-        (running ones, and preempted ones whose last token was in flight); the rest stay queued."""
-        return self._abort([*self.scheduler.running, *(s for s in self.scheduler.waiting if s.num_pending)])
-
-    def _abort(self, seqs: list[Sequence]) -> list[Sequence]:
-        self._in_flight = None
-        for seq in seqs:
-            self.finish(seq, "abort")
-        return seqs
 
     def run(self, seqs: list[Sequence], progress: bool = False,
             on_step: Callable[[list[Sequence]], None] | None = None) -> None:
@@ -275,6 +262,7 @@ class LLMEngine(EngineLifecycle, TensorParallelRank):
         """Schedule and launch the next step (None when nothing can run until ``prev`` resolves)."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
+        self._failing = batch  # until the step is launched
         if not batch.seqs:
             if prev is None:
                 raise RuntimeError("hf_cb: no request could be scheduled (page pool too small?)")
@@ -291,6 +279,7 @@ class LLMEngine(EngineLifecycle, TensorParallelRank):
 
     def _resolve(self, handle: StepHandle) -> list[Sequence]:
         start = time.perf_counter()
+        self._failing = handle.batch
         tokens, logprobs = self.runner.wait(handle)
         waited = time.perf_counter()
         updated = self.scheduler.resolve(handle.batch, tokens, logprobs)

@@ -35,7 +35,7 @@ from hf_cb.entrypoints.streams import (  # noqa: F401 - the public names of onli
     wake_all,
 )
 from hf_cb.performance.compile import frozen_heap
-from hf_cb.sampling.params import SamplingParams
+from hf_cb.sampling.params import SamplingParams, check_seed
 
 logger = logging.getLogger("hf_cb")
 
@@ -92,6 +92,8 @@ class OnlineEngine:
             raise EngineDeadError(f"the hf_cb step loop has stopped: {self.error!r}")
         prompt_ids = list(prompt_ids)
         self.check_request(prompt_ids, params)
+        if seed is not None:
+            check_seed(seed)
         stream = new_stream(self, self.tokenizer, prompt_ids, params, seed, notifier, stop, include_stop,
                             skip_special_tokens)
         self.add_stream(stream)
@@ -201,6 +203,8 @@ class OnlineEngine:
             elif stream.seq is not None and not stream.seq.is_finished:  # "abort"
                 self.engine.finish(stream.seq, "abort")
                 self._streams.pop(stream.seq.seq_id, None)
+                stream._push(stream.seq, time.perf_counter())  # its last output: finish_reason "abort"
+                wake_all([stream])
 
     def _add(self, stream: RequestStream) -> None:
         try:
@@ -226,11 +230,14 @@ class OnlineEngine:
             wake_all(touched)
 
     def _fail_running(self, error: Exception) -> None:
-        logger.exception("hf_cb: a step failed; failing the requests it touched")
+        """A step failed: the engine finds the request that caused it (`LLMEngine.recover`);
+        only those fail, the others are computed again."""
+        failed_seqs = self.engine.recover()
+        logger.exception("hf_cb: a step failed; %s", f"failing {len(failed_seqs)} request(s)" if failed_seqs
+                         else "running the requests it held one at a time to find the one that fails")
         failure = RequestFailed(f"the engine failed while running this request: {error!r}")
-        # A step that failed before any request ran (admitting them) would fail again: fail all.
         failed = []
-        for seq in self.engine.abort_running() or self.engine.abort_all():
+        for seq in failed_seqs:
             stream = self._streams.pop(seq.seq_id, None)
             if stream is not None:
                 stream._fail(failure)

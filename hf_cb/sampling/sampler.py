@@ -51,7 +51,7 @@ def make_sampling_batch(
 ) -> SamplingBatch:
     """Tensors for the rows of a step. ``token_ids`` are each row's prompt plus output so far;
     only rows with a penalty read them (others may hold tokens still pending on the device)."""
-    sampling = [p.do_sample for p in params]
+    sampling = [p.samples for p in params]
     banned = [(i, p.eos_token_ids) for i, p in enumerate(params) if num_generated[i] < p.min_new_tokens]
 
     def col(values, dtype=torch.float32):
@@ -66,20 +66,21 @@ def make_sampling_batch(
     batch = SamplingBatch()
     if any(sampling):
         batch.do_sample = torch.tensor(sampling, dtype=torch.bool).to(device, non_blocking=True)
-        batch.temperature = col([p.temperature if p.do_sample else 1.0 for p in params])
-        if any(p.do_sample and p.top_k > 0 for p in params):
-            ks = [p.top_k if p.do_sample else 0 for p in params]
+        batch.temperature = col([p.temperature if p.samples else 1.0 for p in params])
+        if any(p.samples and p.top_k > 0 for p in params):
+            ks = [p.top_k if p.samples else 0 for p in params]
             batch.top_k = torch.tensor(ks, dtype=torch.int64).to(device, non_blocking=True)
-        if any(p.do_sample and p.top_p < 1.0 for p in params):
-            batch.top_p = col([p.top_p if p.do_sample else 1.0 for p in params])
-        if any(p.do_sample and p.min_p > 0.0 for p in params):
-            batch.min_p = col([p.min_p if p.do_sample else 0.0 for p in params])
+        if any(p.samples and p.top_p < 1.0 for p in params):
+            batch.top_p = col([p.top_p if p.samples else 1.0 for p in params])
+        if any(p.samples and p.min_p > 0.0 for p in params):
+            batch.min_p = col([p.min_p if p.samples else 0.0 for p in params])
         batch.seeds = torch.tensor(list(seeds), dtype=torch.int64).to(device, non_blocking=True)
         batch.offsets = torch.tensor(list(num_generated), dtype=torch.int64).to(device, non_blocking=True)
     if any(p.repetition_penalty != 1.0 for p in params):
         batch.penalty = col([p.repetition_penalty for p in params])
         # Unpenalised rows see token 0 with penalty 1: a no-op that reads no pending token.
-        batch.penalty_ids = padded([ids if p.repetition_penalty != 1.0 else [0] for ids, p in zip(token_ids, params)], None)
+        batch.penalty_ids = padded([ids if p.repetition_penalty != 1.0 else [0]
+                                    for ids, p in zip(token_ids, params)], None)
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         batch.presence = col([p.presence_penalty for p in params])
         batch.frequency = col([p.frequency_penalty for p in params])
