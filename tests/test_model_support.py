@@ -9,6 +9,8 @@ from transformers import BioGptConfig, LlamaConfig, LlamaForCausalLM, StableLmCo
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hf_cb
+from hf_cb.attention.backends.torch_backend import TorchAttentionStep
+from hf_cb.attention.context import in_step
 from hf_cb.model_support.probe import probe_attention
 
 # BioGPT has no GQA: every head keeps its K/V.
@@ -127,3 +129,108 @@ def test_positions_not_taken_from_position_ids_are_refused(monkeypatch):
 def test_every_conftest_model_passes_the_probe():
     for name in ("llama", "gemma2", "gemma3"):
         assert probe_attention(tiny_model(name)) is False
+
+
+# -- failures that are not the model's: they propagate as raised, and are not retried ------------
+
+
+def assert_left_as_it_was(model, before: str) -> None:
+    assert model.config._attn_implementation == before
+    assert hooks_on(model) == 0
+    assert not hasattr(model, "_hf_cb_engine")
+
+
+@pytest.mark.parametrize("entry", [probe_attention, hf_cb.get_engine], ids=["probe", "get_engine"])
+@pytest.mark.parametrize("method", ["write_kv", "attend"])
+def test_error_in_hf_cbs_backend_propagates_unchanged(monkeypatch, method, entry):
+    bug = RuntimeError("a bug in hf_cb's backend")
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(method)
+        raise bug
+
+    monkeypatch.setattr(TorchAttentionStep, method, failing)
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    with pytest.raises(RuntimeError) as raised:
+        entry(model)
+    assert raised.value is bug  # not a ModelNotSupported around it
+    assert raised.traceback[-1].name == "failing"  # its traceback still reaches where it was raised
+    assert calls == [method]  # the probe step ran once: no retry with step hooks
+    assert_left_as_it_was(model, before)
+
+
+def test_models_handler_of_a_backend_error_propagates(monkeypatch):
+    """A model that catches hf_cb's error and raises its own: still hf_cb's failure, not the model's."""
+    bug = RuntimeError("a bug in hf_cb's backend")
+
+    def failing(self, *args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(TorchAttentionStep, "attend", failing)
+    model = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    inner = attention.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except RuntimeError as error:
+            raise ValueError("attention failed") from error
+
+    monkeypatch.setattr(attention, "forward", forward)
+    with pytest.raises(ValueError, match="attention failed") as raised:
+        probe_attention(model)
+    assert not isinstance(raised.value, hf_cb.ModelNotSupported) and raised.value.__cause__ is bug
+
+
+DEVICE_FAULTS = [
+    pytest.param(lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                 id="AcceleratorError", marks=pytest.mark.skipif(not hasattr(torch, "AcceleratorError"),
+                                                                 reason="torch < 2.8")),
+    pytest.param(lambda: RuntimeError("CUDA error: an illegal memory access was encountered"), id="older-torch"),
+    pytest.param(lambda: torch.OutOfMemoryError("CUDA out of memory"), id="out-of-memory"),
+]
+
+
+def fail_in_steps(monkeypatch, model, error: BaseException) -> list[BaseException]:
+    """Make the model's own code (layer 1's MLP) raise ``error`` inside engine steps only, so
+    that the model's plain forward, the probe's reference, runs; returns what it raised."""
+    mlp = model.model.layers[1].mlp
+    inner, raised = mlp.forward, []
+
+    def forward(x):
+        if in_step():
+            raised.append(error)
+            raise error
+        return inner(x)
+
+    monkeypatch.setattr(mlp, "forward", forward)
+    return raised
+
+
+@pytest.mark.parametrize("make_fault", DEVICE_FAULTS)
+def test_device_fault_in_the_models_forward_propagates_unchanged(monkeypatch, make_fault):
+    model = tiny_model("llama")
+    fault = make_fault()
+    raised = fail_in_steps(monkeypatch, model, fault)
+    before = model.config._attn_implementation
+    with pytest.raises(type(fault)) as caught:
+        probe_attention(model)
+    assert caught.value is fault
+    assert caught.traceback[-1].name == "forward"  # raised in the MLP's forward, traceback intact
+    assert len(raised) == 1  # not retried with step hooks
+    assert_left_as_it_was(model, before)
+
+
+def test_error_in_the_models_own_code_is_a_refusal(monkeypatch):
+    """The contrast: what the model's code raises on hf_cb's inputs is the model's, and refused
+    (after a retry with step hooks, which some models need)."""
+    model = tiny_model("llama")
+    raised = fail_in_steps(monkeypatch, model, RuntimeError("shape mismatch in the MLP"))
+    assert_refused(
+        model, r"LlamaForCausalLM failed a probe step through hf_cb's attention after 2 of 2 layers called "
+        r"the attention interface with hf_cb's step: RuntimeError: shape mismatch in the MLP",
+    )
+    assert len(raised) == 2  # without hooks, then with them

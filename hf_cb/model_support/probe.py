@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -31,6 +33,8 @@ _PROBE_PAGE_SIZE = 4
 # weights) to 0.3-1 (the tests' models). Only gross errors are refused in half precision.
 _MAX_LOGIT_ERROR = {torch.float32: 0.01, torch.float64: 0.01}
 _MAX_LOGIT_ERROR_HALF = 0.1
+# Failures of the device, not of the model: they propagate as they are (AcceleratorError: torch 2.8+).
+_DEVICE_FAULTS = (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
 
 
 class RecordingStep:
@@ -43,13 +47,24 @@ class RecordingStep:
         self.step = step
         self._layer_of = {(id(layer.keys), id(layer.values)): i for i, layer in enumerate(cache.layers)}
         self.calls: Counter[int] = Counter()
+        # What the backend step (hf_cb's code) raised, if it did: it reaches the probe through
+        # the model's frames, and must not be taken for the model's failure.
+        self.error: Exception | None = None
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
-        self.step.write_kv(k_cache, v_cache, key, value)
+        self._recorded(self.step.write_kv, k_cache, v_cache, key, value)
 
     def attend(self, query, k_cache, v_cache, **kwargs) -> torch.Tensor:
         self.calls[self._layer_of[(id(k_cache), id(v_cache))]] += 1
-        return self.step.attend(query, k_cache, v_cache, **kwargs)
+        return self._recorded(self.step.attend, query, k_cache, v_cache, **kwargs)
+
+    def _recorded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``, keeping what it raises in `error`."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            self.error = error
+            raise
 
 
 def probe_attention(model: torch.nn.Module) -> bool:
@@ -57,6 +72,8 @@ def probe_attention(model: torch.nn.Module) -> bool:
     raise `ModelNotSupported` unless every attention layer called the ``"hf_cb"`` function (which
     writes its K/V into the layer's pages and attends over them) exactly once, and the logits match
     the model's own forward. The model is left as it was (attention implementation, modes).
+    What is not the model's doing (out of memory, a device fault, an error in hf_cb's own
+    backend) propagates as raised, and is not retried with hooks.
 
     Returns whether the engine must install `add_step_hooks`: True for a model whose decoder
     layers do not pass keyword arguments on to their attention (StableLM, Nemotron), which
@@ -169,15 +186,32 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
             torch.from_numpy(table.positions).to(device)[None],
             torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), torch.arange(table.num_tokens, device=device),
         )
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as error:  # the model's own code failed on hf_cb's inputs: say where
+    except Exception as error:
+        if _not_the_models(error, step.error):
+            raise
+        # The model's own code failed on hf_cb's inputs: say where.
         raise ModelNotSupported(
             f"{name} failed a probe step through hf_cb's attention after {len(step.calls)} of "
             f"{shape.num_layers} layers called the attention interface with hf_cb's step: "
             f"{type(error).__name__}: {error}"
         ) from error
     return step, logits.float()
+
+
+def _not_the_models(error: Exception, backend_error: Exception | None) -> bool:
+    """Whether ``error`` says nothing about the model: the device failed (out of memory, a
+    fault), or hf_cb's own backend step raised it (``backend_error``), or a model's handler
+    raised it while handling that."""
+    if isinstance(error, _DEVICE_FAULTS) or (isinstance(error, RuntimeError) and "CUDA error" in str(error)):
+        return True  # before torch 2.8 a device fault is a plain RuntimeError
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # a chain can loop back on itself
+        if cause is backend_error:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
