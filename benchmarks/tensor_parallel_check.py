@@ -15,7 +15,6 @@ CUDA, float32 elsewhere (where the sequences must also be equal).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

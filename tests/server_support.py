@@ -100,14 +100,16 @@ def offline(tok):
     hf_cb.release(offline.model)
 
 
-def start_server(tok) -> SimpleNamespace:
-    """A server for a module's tests: its model is kept from the per-test release (`stop_server`)."""
-    from hf_cb.server import HTTPServer
+def start_server(tok, **options) -> SimpleNamespace:
+    """A server for a module's tests: its model is kept from the per-test release (`stop_server`).
+    ``options``: `ServerOptions` fields."""
+    from hf_cb.server import HTTPServer, ServerOptions
 
     model = keep_engine(tiny_model("llama", seed=SEED))
     online = OnlineEngine(model, tokenizer=tok)
     try:
-        server = HTTPServer(online, tok, model_name=NAME, port=0, log_level="warning").start()
+        server = HTTPServer(online, tok, model_name=NAME, port=0, log_level="warning",
+                            options=ServerOptions(**options)).start()
     except BaseException:
         online.shutdown()
         raise

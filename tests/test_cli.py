@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")  # the serve extra; the GPU machine may not have 
 from conftest import DEVICE, QUESTION, chat_word_tokenizer, random_prompts, saved_model, tiny_model, words
 from serve_process import hf_cb, serving
 
-from hf_cb.cli.main import add_engine_args, engine_config_from
+from hf_cb.cli.startup import add_engine_args, engine_config_from
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 51

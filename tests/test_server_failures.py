@@ -5,6 +5,7 @@ failing or dead engine step loop."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -176,9 +177,38 @@ def fragile(tok):
     stop_server(served)
 
 
-def test_a_failing_step_is_500_and_the_next_request_succeeds(fragile, offline, monkeypatch):
+POISON = [9, 9, 9, 9, 4]  # a prompt whose every step fails
+
+
+def test_a_request_whose_steps_fail_is_500_and_the_others_keep_their_answers(fragile, offline, monkeypatch):
     runner = fragile.online.engine.runner
-    real, fail = runner.launch, []
+    real = runner.launch
+
+    def launch(batch, prev):
+        if any(s.prompt_ids == POISON for s in batch.seqs):
+            raise RuntimeError("simulated failure")
+        return real(batch, prev)
+
+    monkeypatch.setattr(runner, "launch", launch)
+    ref = offline([PROMPTS[1]], 30)[0]
+    good = {"prompt": PROMPTS[1], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    bad = {"prompt": POISON, "max_tokens": 6, "temperature": 0}
+    with httpx.Client(base_url=fragile.url, timeout=30) as http, ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(lambda: http.post("/v1/completions", json=good))
+        error = assert_error(http.post("/v1/completions", json=bad), 500, None, "simulated failure")
+        assert error["type"] == "server_error"
+        assert beside.result().json()["choices"][0]["text"] == ref.text
+        # streamed: the failure is the stream's last event before [DONE]
+        with http.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+        assert events[-1] == "[DONE]" and "simulated failure" in events[-2]["error"]["message"]
+        assert_idle(fragile.online)
+        assert http.post("/v1/completions", json=good).json()["choices"][0]["text"] == ref.text
+
+
+def test_a_step_that_fails_once_fails_no_request(fragile, offline, monkeypatch):
+    runner = fragile.online.engine.runner
+    real, fail = runner.launch, [1]
 
     def launch(*args, **kwargs):
         if fail:
@@ -188,24 +218,10 @@ def test_a_failing_step_is_500_and_the_next_request_succeeds(fragile, offline, m
 
     monkeypatch.setattr(runner, "launch", launch)
     ref = offline([PROMPTS[1]], 6)[0]
-    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}
     with httpx.Client(base_url=fragile.url, timeout=30) as http:
-        fail.append(1)
-        r = http.post("/v1/completions", json=body)
-        error = assert_error(r, 500, None, "simulated failure")
-        assert error["type"] == "server_error"
-        assert_idle(fragile.online)
-        r = http.post("/v1/completions", json=body)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
-        # streamed: the failure is the stream's last event before [DONE]
-        fail.append(1)
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-            events = sse_events(r.iter_lines())
-        assert events[-1] == "[DONE]" and "simulated failure" in events[-2]["error"]["message"]
-        assert_idle(fragile.online)
-        r = http.post("/v1/completions", json=body)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
-        assert http.get("/health").status_code == 200
+        r = http.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text and not fail
+    assert_idle(fragile.online)
 
 
 def test_a_dead_step_loop_is_503_at_once(fragile, monkeypatch):

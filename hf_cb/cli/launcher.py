@@ -84,11 +84,11 @@ def launch(nproc: int, argv: list[str]) -> int:
                 _end(p)
     for rank, p in enumerate(procs):
         if p.returncode != 0:
-            print(f"hf-cb: rank {rank} of {nproc} ended with {_exit_status(p.returncode)}", file=sys.stderr)
+            print(f"hf-cb: rank {rank} of {nproc} ended with {exit_status(p.returncode)}", file=sys.stderr)
     return max((abs(p.returncode) for p in procs), default=0)
 
 
-def _exit_status(code: int) -> str:
+def exit_status(code: int) -> str:
     """``Popen.returncode`` in words: ``status 1``, ``signal SIGABRT``."""
     if code >= 0:
         return f"status {code}"

@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP API (FastAPI) over an `OnlineEngine`.
 
-Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (and the un-prefixed
-``/completions`` and ``/chat/completions`` of the system hf_cb grew from), ``/health``,
-``/metrics``. Every error is OpenAI's body ``{"error": {message, type, param, code}}``: schema
-errors are 400 (not FastAPI's 422), an unknown model 404, a missing or wrong API key 401, a
-failure inside the engine 500, a dead step loop 503.
+Routes: ``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/chat/completions``
+(and the un-prefixed ``/completions`` and ``/chat/completions`` of the system hf_cb grew from),
+``/health``, ``/metrics``. Every error is OpenAI's body ``{"error": {message, type, param,
+code}}``: a bad request is 400 (schema errors too, not FastAPI's 422), an unknown model 404, a
+missing or wrong API key 401, a body over the limit 413, a failure inside the engine 500, a dead
+step loop 503.
+
+The event loop serves every stream, so nothing slow runs on it: request bodies are parsed and
+validated, and prompts tokenized and templated, in worker threads.
 """
 
 from __future__ import annotations
@@ -13,27 +17,18 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from hf_cb.entrypoints.streams import EngineDeadError, RequestStream
-from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest
-from hf_cb.server.serving import (
-    ENGINE_ERRORS,
-    APIError,
-    SamplingDefaults,
-    Serving,
-    chat_logprobs,
-    collect,
-    completion_logprobs,
-    engine_error,
-    new_id,
-    stream_events,
-    usage,
-)
+from hf_cb.server.errors import ENGINE_ERRORS, APIError, engine_error
+from hf_cb.server.middleware import AccessLog, LimitBody, RequireKey, read_body
+from hf_cb.server.options import ServerOptions
+from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest, parse_json, prompt_count, validate
+from hf_cb.server.responses import collect, response_body, stream_events
+from hf_cb.server.serving import SamplingDefaults, Serving
 
 
 class EventStream(StreamingResponse):
@@ -76,49 +71,10 @@ async def _until_disconnect(request: Request, work, streams: list[RequestStream]
     return task.result()
 
 
-def _is_type_tag(part: object) -> bool:
-    """Pydantic names each member of a union by its type (``str``, ``list[int]``)."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """OpenAI-style message and param for pydantic's first error. A field of several types
-    (``prompt``) fails once per type: that is reported as one wrong type."""
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = loc[0] if loc else None
-    if first.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {'.'.join(loc)}", param
-    if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    branches = [e for e in errors if len(e.get("loc", ())) > 2 and e["loc"][:2] == first["loc"][:2]
-                and _is_type_tag(e["loc"][2])]
-    if len(branches) > 1 and param is not None:
-        kinds = " or ".join(dict.fromkeys(str(e["loc"][2]) for e in branches))
-        return f"{param}: expected {kinds}, got {type(first.get('input')).__name__}", param
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
-
-
-def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
-               defaults: SamplingDefaults | None = None, eos_token_ids: tuple[int, ...] | None = None) -> FastAPI:
-    """The app serving ``online`` (an `OnlineEngine`, or the front end's `EngineClient`) as
-    ``model_name``. ``api_key``: required as a Bearer token on every ``/v1`` route and its
-    aliases. ``defaults`` and ``eos_token_ids``: default, the model's generation config's (as
-    vLLM's ``--generation-config auto``)."""
-    serving = Serving.create(online, tokenizer, model_name, defaults=defaults, eos_token_ids=eos_token_ids)
-    metrics = serving.metrics
-    app = FastAPI(title="hf_cb", description="OpenAI-compatible server over hf_cb's continuous batching")
-    app.state.serving = serving
-
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def schema_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(error.errors())
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -129,10 +85,25 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | N
     async def server_error(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse(APIError(500, f"internal error: {error!r}", type="server_error").body(), status_code=500)
 
-    def authorized(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+
+def create_app(online: Any, tokenizer: Any, *, model_name: str, options: ServerOptions | None = None,
+               defaults: SamplingDefaults | None = None, eos_token_ids: tuple[int, ...] | None = None) -> FastAPI:
+    """The app serving ``online`` (an `OnlineEngine`, or the front end's `EngineClient`) as
+    ``model_name``, with ``options``' key, limits and docs. ``defaults`` and ``eos_token_ids``:
+    default, the model's generation config's (as vLLM's ``--generation-config auto``)."""
+    options = options or ServerOptions()
+    serving = Serving.create(online, tokenizer, model_name, defaults=defaults, eos_token_ids=eos_token_ids,
+                             max_prompts=options.max_prompts)
+    docs = options.enable_docs
+    app = FastAPI(title="hf_cb", description="OpenAI-compatible server over hf_cb's continuous batching",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.serving = serving
+    # Outermost last: the access log sees every answer, the key is checked before the size.
+    app.add_middleware(LimitBody, max_bytes=options.max_request_bytes)
+    app.add_middleware(RequireKey, api_key=options.api_key, protected=options.protects)
+    app.add_middleware(AccessLog, enabled=options.log_requests)
+    _error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -142,16 +113,38 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | N
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    api = APIRouter(dependencies=[Depends(authorized)])
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "hf_cb",
+                "max_model_len": serving.max_model_len}
 
-    @api.get("/v1/models")
+    @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "hf_cb", "max_model_len": serving.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
 
-    async def run(request: Request, req, streams, num_prompt_tokens: int, chat: bool, want_logprobs: bool):
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        serving.check_model(model_id)
+        return model_card()
+
+    def checked(body: bytes, cls: type):
+        data = parse_json(body)
+        if cls is CompletionRequest:
+            serving.check_count(prompt_count(data))
+        return validate(data, cls)
+
+    async def parse(request: Request, cls: type):
+        body = await read_body(request.stream(), options.max_request_bytes)
+        return await asyncio.to_thread(checked, body, cls)
+
+    async def run(request: Request, req, prompts: list[list[int]], logprobs: int | None, chat: bool):
+        params = serving.check(req, prompts, logprobs, "messages" if chat else "prompt")
+        try:
+            streams = serving.submit(req, prompts, params)
+        except EngineDeadError as error:
+            raise engine_error(error) from error
+        num_prompt_tokens, want_logprobs = sum(map(len, prompts)), logprobs is not None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(stream_events(serving, streams, chat=chat, want_logprobs=want_logprobs,
@@ -162,44 +155,28 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, api_key: str | N
             raise engine_error(error) from error
         if isinstance(choices, Response):
             return choices
-        body = {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": model_name, "choices": [],
-                "usage": usage(num_prompt_tokens, sum(len(c.token_ids) for c in choices))}
-        for i, c in enumerate(choices):
-            choice = {"index": i, "finish_reason": c.finish_reason, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-                if want_logprobs:
-                    choice["logprobs"] = chat_logprobs(serving, c.logprobs)
-            else:
-                choice["text"] = c.text
-                if want_logprobs:
-                    choice["logprobs"] = completion_logprobs(serving, c.logprobs)
-            body["choices"].append(choice)
-        return body
+        return response_body(serving, choices, chat=chat, want_logprobs=want_logprobs,
+                             num_prompt_tokens=num_prompt_tokens)
 
-    def submit(req, prompts, logprobs, prompt_param):
-        params = serving.check(req, prompts, logprobs, prompt_param)
-        try:
-            return serving.submit(req, prompts, params)
-        except EngineDeadError as error:
-            raise engine_error(error) from error
-
-    @api.post("/v1/completions")
-    @api.post("/completions", include_in_schema=False)
-    async def completions(req: CompletionRequest, request: Request):
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @app.post("/completions", include_in_schema=False)
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
         serving.check_model(req.model)
-        prompts = serving.completion_prompts(req)
-        streams = submit(req, prompts, req.logprobs, "prompt")
-        return await run(request, req, streams, sum(map(len, prompts)), False, req.logprobs is not None)
+        prompts = await asyncio.to_thread(serving.completion_prompts, req)
+        return await run(request, req, prompts, req.logprobs, chat=False)
 
-    @api.post("/v1/chat/completions")
-    @api.post("/chat/completions", include_in_schema=False)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    @app.post("/chat/completions", include_in_schema=False)
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatCompletionRequest)
         serving.check_model(req.model)
-        prompt = serving.chat_prompt(req)
-        streams = submit(req, [prompt], (req.top_logprobs or 0) if req.logprobs else None, "messages")
-        return await run(request, req, streams, len(prompt), True, req.logprobs)
+        prompt = await asyncio.to_thread(serving.chat_prompt, req)
+        return await run(request, req, [prompt], (req.top_logprobs or 0) if req.logprobs else None, chat=True)
 
-    app.include_router(api)
     return app
+
+
+def _body_schema(cls: type) -> dict:
+    """The OpenAPI description of a body the route parses itself (off the event loop)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": cls.model_json_schema()}}}}

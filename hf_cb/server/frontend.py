@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from itertools import count
 from multiprocessing.connection import Listener
 from typing import Any
+
+import uvicorn
 
 from hf_cb.core.limits import RequestLimits
 from hf_cb.entrypoints.streams import EngineDeadError, RequestFailed, RequestStream, new_stream, wake_all
@@ -22,6 +26,7 @@ from hf_cb.sampling.params import SamplingParams
 from hf_cb.server.http_server import ADDRESS_ENV, KEY_ENV, FrontendSettings
 
 _ERRORS = {"dead": EngineDeadError, "bad": ValueError, "failed": RequestFailed}
+GRACE_S = 5  # after SIGTERM, for the connections to close once their streams have ended
 
 
 class EngineClient:
@@ -49,6 +54,14 @@ class EngineClient:
     @property
     def vocab_size(self) -> int:
         return self.limits.vocab_size
+
+    def shut_down(self) -> None:
+        """The server is stopping: fail every request in flight, and every new one."""
+        self.error = EngineDeadError("the server is shutting down")
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream._fail(self.error)
+        wake_all(streams)
 
     def check_request(self, prompt_ids, params: SamplingParams) -> None:
         self.limits.check(0, prompt_ids, params)
@@ -122,12 +135,24 @@ class EngineClient:
         wake_all(touched)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, which on SIGTERM or SIGINT first ends every stream with an error event (then
+    ``data: [DONE]``) and every waiting request with a 503, so that no client is cut off mid-answer;
+    then it closes the connections (within `GRACE_S`) and exits."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], object]):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
+
+
 def serve(conn, settings: FrontendSettings, tokenizer: Any, listener: Listener | None = None) -> None:
     """uvicorn over an `EngineClient` until SIGTERM/SIGINT or the engine's process goes away;
     with a ``listener``, engines that `join` later share the requests (a `Router`), and the
     server stops when any of them goes away."""
-    import uvicorn
-
     from hf_cb.server.app import create_app
     from hf_cb.server.router import Router
 
@@ -142,11 +167,16 @@ def serve(conn, settings: FrontendSettings, tokenizer: Any, listener: Listener |
     if listener is not None:
         threading.Thread(target=_accept_engines, args=(listener, router, settings, tokenizer, engine_gone),
                          name="hf_cb-join", daemon=True).start()
-    app = create_app(router, tokenizer, model_name=settings.model_name, api_key=settings.api_key,
+    app = create_app(router, tokenizer, model_name=settings.model_name, options=settings.options,
                      defaults=settings.defaults, eos_token_ids=settings.eos_token_ids)
-    # No access log: a line per request costs the event loop time that streaming needs.
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           access_log=False, timeout_graceful_shutdown=5))
+    # uvicorn's access log is off: the app logs each request itself, with its request id.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=GRACE_S)
+    server = _Server(config, on_exit=lambda: [c.shut_down() for c in router.engines])
+    # Out of the cyclic collector's walks: everything alive now (torch, Transformers, the app).
+    # A full collection over them, set off by a request of 50,000 small prompts, held the GIL and
+    # so the event loop for 0.2 s; the step loop freezes its heap for the same reason.
+    gc.freeze()
 
     async def run() -> None:
         task = asyncio.ensure_future(server.serve())

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Client
 from typing import Any
 
@@ -39,6 +39,7 @@ from hf_cb.core.limits import RequestLimits
 from hf_cb.entrypoints.online import OnlineEngine
 from hf_cb.entrypoints.streams import EngineDeadError, EngineStream
 from hf_cb.sampling.params import SamplingParams
+from hf_cb.server.options import ServerOptions
 from hf_cb.server.serving import SamplingDefaults, generation_defaults
 
 logger = logging.getLogger("hf_cb")
@@ -52,7 +53,7 @@ class FrontendSettings:
     model_name: str
     host: str
     port: int
-    api_key: str | None
+    options: ServerOptions
     defaults: SamplingDefaults
     eos_token_ids: tuple[int, ...]
     limits: RequestLimits
@@ -153,15 +154,20 @@ def join(online: OnlineEngine, address: str, key: bytes) -> _EngineBridge:
 
 class HTTPServer:
     """The OpenAI-compatible API for ``online``, served by a child process on ``host:port``
-    (port 0: any free port; see `url`). ``defaults`` / ``eos_token_ids``: from the model's
+    (port 0: any free port; see `url`), with ``options``' key and limits (``api_key``: the same
+    as ``options=ServerOptions(api_key=...)``). ``defaults`` / ``eos_token_ids``: from the model's
     generation config unless given. A context manager, or `start` / `wait` / `stop`."""
 
     def __init__(self, online: OnlineEngine, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1",
-                 port: int = 8000, api_key: str | None = None, defaults: SamplingDefaults | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None, log_level: str = "info"):
+                 port: int = 8000, options: ServerOptions | None = None, api_key: str | None = None,
+                 defaults: SamplingDefaults | None = None, eos_token_ids: tuple[int, ...] | None = None,
+                 log_level: str = "info"):
         model_defaults, model_eos = generation_defaults(online.engine.model)
         self.online, self.tokenizer = online, tokenizer
-        self.settings = FrontendSettings(model_name, host, port, api_key, defaults or model_defaults,
+        options = options or ServerOptions()
+        if api_key is not None:
+            options = replace(options, api_key=api_key)
+        self.settings = FrontendSettings(model_name, host, port, options, defaults or model_defaults,
                                          model_eos if eos_token_ids is None else eos_token_ids,
                                          online.engine.limits, log_level)
         self.process: subprocess.Popen | None = None
@@ -212,9 +218,9 @@ class HTTPServer:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
 
-    def wait(self) -> None:
-        """Block until the front end's process ends (Ctrl-C ends it)."""
-        self.process.wait()
+    def wait(self) -> int:
+        """Block until the front end's process ends (Ctrl-C ends it); its exit status."""
+        return self.process.wait()
 
     def stop(self) -> None:
         """Stop the front end (its requests are aborted) and wait for it."""

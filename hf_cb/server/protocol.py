@@ -1,4 +1,4 @@
-"""The OpenAI request bodies the server accepts, as pydantic models.
+"""The OpenAI request bodies the server accepts, as pydantic models, and how a body is parsed.
 
 Every documented field is declared. Fields hf_cb honours carry their OpenAI ranges (so a bad
 value is a 400 naming the field); vLLM's extensions (``top_k``, ``min_p``,
@@ -6,26 +6,44 @@ value is a 400 naming the field); vLLM's extensions (``top_k``, ``min_p``,
 Fields hf_cb cannot honour (tools, response formats, logit bias, ...) are refused when set,
 rather than silently ignored; pure metadata (``user``, ``metadata``, ``store``, ...) is
 accepted. Unknown fields are refused, as the OpenAI API does.
+
+Types are JSON's, strictly, as OpenAI checks them: a boolean is not an integer, a string is not
+a number, a float is not an integer; numbers are finite. ``null`` means the default, wherever a
+field is optional (OpenAI's schema marks them nullable). Integers the engine stores stay within
+64 bits, and text must be valid Unicode (a lone UTF-16 surrogate is refused).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from hf_cb.sampling.params import MAX_LOGPROBS
+from hf_cb.sampling.params import INT64, MAX_LOGPROBS
+from hf_cb.server.errors import APIError, validation_error
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+R = TypeVar("R", bound=BaseModel)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Body(BaseModel):
+    """A part of a request body: strict JSON types, ``null`` as the default."""
+
+    model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
+class _Request(_Body):
     """Fields shared by both endpoints."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -35,7 +53,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -89,14 +107,14 @@ class CompletionRequest(_Request):
         return bad
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(_Body):
+    model_config = ConfigDict(_STRICT, extra="allow")
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+class ChatMessage(_Body):
+    model_config = ConfigDict(_STRICT, extra="allow")  # name, tool_call_id, ...: passed to the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
@@ -151,3 +169,50 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The JSON object in a request body; `APIError` (400) naming what is wrong. Parsing a large
+    body takes time: call it off the event loop."""
+    try:
+        data = json.loads(body)
+    except ValueError as error:  # UnicodeDecodeError too
+        raise APIError(400, f"the request body is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_text(data, [])
+    return data
+
+
+def prompt_count(data: dict[str, Any]) -> int:
+    """How many prompts a completions body carries, read before it is validated: validating
+    50,000 prompts of token ids holds the GIL for 0.2 s, which would stall every stream."""
+    prompt = data.get("prompt")
+    return len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+
+
+def validate(data: dict[str, Any], cls: type[R]) -> R:
+    """``data`` as a ``cls`` request; `APIError` (400) naming the field it refuses."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise validation_error(error) from error
+
+
+def _check_text(value: Any, path: list) -> None:
+    """Refuse a string that is not valid Unicode: JSON's ``\\ud800`` escapes can spell a lone
+    UTF-16 surrogate, which no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            raise APIError(400, f"{where}: contains a lone UTF-16 surrogate (U+{ord(value[error.start]):04X}), "
+                           "which is not valid Unicode text", param=str(path[0])) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path + [key])
+            _check_text(item, path + [key])
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, path + [i])
