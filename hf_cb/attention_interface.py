@@ -11,6 +11,10 @@ for training and evaluation.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -21,6 +25,7 @@ from hf_cb.attention.ops import paged_attention
 from hf_cb.paged_cache import to_cache_dtype
 
 ATTENTION_NAME = "hf_cb"
+_recorder: ContextVar[list | None] = ContextVar("hf_cb_attention_recorder", default=None)
 STEP_KWARG = "hf_cb_step"
 KV_DTYPE_KWARG = "hf_cb_kv_dtype"  # the pages' dtype, handed in with STEP_KWARG
 
@@ -37,9 +42,11 @@ def hf_cb_attention(
 ) -> tuple[torch.Tensor, None]:
     kv_dtype = kwargs.pop(KV_DTYPE_KWARG, None)
     if not kwargs.pop(STEP_KWARG, False):
+        calls = _recorder.get()
+        if calls is not None:
+            calls.append(AttentionCall(module, tuple(query.shape), tuple(key.shape), tuple(value.shape),
+                                       kwargs.get("sliding_window"), kwargs.get("s_aux") is not None))
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("hf_cb does not support attention sinks (s_aux)")
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
         raise NotImplementedError(f"hf_cb needs attention modules with an int layer_idx; {type(module).__name__} has none")
@@ -51,6 +58,9 @@ def hf_cb_attention(
         # the keys (the rotary embedding) instead of launching two more per layer.
         key, value = to_cache_dtype(key, kv_dtype), to_cache_dtype(value, kv_dtype)
     # Tensors arrive as [1, heads, T, D]; the packed step works on [T, heads, D].
+    sinks = kwargs.get("s_aux")  # gpt-oss's per-head sink logits
+    if sinks is not None and hasattr(sinks, "to_local"):  # a tensor-parallel shard's: its own heads
+        sinks = sinks.to_local()
     out = paged_attention(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
@@ -59,6 +69,7 @@ def hf_cb_attention(
         float(scaling),
         kwargs.get("sliding_window"),
         kwargs.get("softcap"),
+        sinks,
     )
     return out.unsqueeze(0), None
 
@@ -81,6 +92,31 @@ def hf_cb_mask(*args, **kwargs):
     """SDPA's boolean mask, always materialised: the eager fallback cannot infer causality."""
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of the ``"hf_cb"`` function outside a step, as `recording` keeps it: the shapes are
+    ``[batch, heads, tokens, dim]``."""
+
+    module: torch.nn.Module
+    query: tuple[int, ...]
+    key: tuple[int, ...]
+    value: tuple[int, ...]
+    sliding_window: int | None
+    sinks: bool
+
+
+@contextmanager
+def recording() -> Iterator[list[AttentionCall]]:
+    """Record each call of the ``"hf_cb"`` function outside engine steps (`AttentionCall`):
+    `model_support` reads a model's attention off them."""
+    calls: list[AttentionCall] = []
+    token = _recorder.set(calls)
+    try:
+        yield calls
+    finally:
+        _recorder.reset(token)
 
 
 def register() -> None:

@@ -33,7 +33,7 @@ def run_case(
     num_pages = sum(-(-n // page_size) for n in kv_lens) + 8
     manager = PageManager(num_pages, page_size, len(kv_lens), max(-(-n // page_size) for n in kv_lens))
     rng.shuffle(manager._free_pages)  # pages at random places in the pool
-    cache = PagedCache(1, num_pages, page_size, num_kv_heads, head_dim, dtype, torch.device(device),
+    cache = PagedCache.uniform(1, num_pages, page_size, num_kv_heads, head_dim, dtype, torch.device(device),
                        layout=backend.kv_layout)
     k_cache, v_cache = cache.layers[0].keys, cache.layers[0].values
     k_slots, v_slots = cache.token_major(k_cache), cache.token_major(v_cache)  # [page, offset, head, dim]

@@ -60,16 +60,16 @@ def test_reference_would_catch_a_wrong_mask():
 def test_hnd_pages_seen_token_major():
     """An HND cache's pages hold each head's tokens contiguously; `token_major` shows them as the
     NHD cache does, and both check the K/V the model produces alike."""
-    nhd = PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"))
-    hnd = PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="HND")
+    nhd = PagedCache.uniform(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"))
+    hnd = PagedCache.uniform(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="HND")
     assert hnd.layers[0].keys.shape == (4, 2, PS, 8) and nhd.layers[0].keys.shape == (4, PS, 2, 8)
     hnd.token_major(hnd.layers[0].keys)[1, 2] = torch.arange(16.0).view(2, 8)
     assert torch.equal(hnd.layers[0].keys[1, :, 2], torch.arange(16.0).view(2, 8))
     assert hnd.layers[0].get_max_length() == nhd.layers[0].get_max_length() == 3 * PS
-    with pytest.raises(ValueError, match="K/V of 3 heads x 8, the paged cache holds 2 x 8"):
+    with pytest.raises(ValueError, match="K/V of 3 heads x 8 and 3 heads x 8, the paged cache holds 2 x 8 and 2 x 8"):
         hnd.layers[0].update(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
     with pytest.raises(ValueError, match="unknown KV layout"):
-        PagedCache(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="NDH")
+        PagedCache.uniform(1, 3, PS, 2, 8, torch.float32, torch.device("cpu"), layout="NDH")
 
 
 def test_decode_graphs_split_the_kv_only_where_rows_leave_sms_idle():

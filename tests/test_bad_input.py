@@ -85,7 +85,7 @@ def test_unsupported_model_is_refused_when_the_engine_is_built():
 
 
 def test_paged_cache_outside_a_step_is_an_error():
-    cache = hf_cb.PagedCache(1, 2, 4, 2, 8, torch.float32, torch.device("cpu"))
+    cache = hf_cb.PagedCache.uniform(1, 2, 4, 2, 8, torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="only inside an hf_cb engine step"):
         cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
 

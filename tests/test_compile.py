@@ -56,7 +56,7 @@ def test_compiled_forward_is_one_graph_and_equals_generate(name, fuse, compile_c
 def test_paged_attention_outside_a_step_raises():
     q = torch.zeros(2, 4, 8)
     with pytest.raises(RuntimeError, match="only inside an engine step"):
-        torch.ops.hf_cb.paged_attention(q, q[:, :2], q[:, :2], 0, 1.0, None, None)
+        torch.ops.hf_cb.paged_attention(q, q[:, :2], q[:, :2], 0, 1.0, None, None, None)
 
 
 def test_compile_is_the_engines_choice_by_default():

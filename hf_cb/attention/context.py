@@ -20,7 +20,12 @@ _local = threading.local()
 
 
 class AttentionStep(Protocol):
-    """One planned step of an attention backend; built once per step, used by every layer."""
+    """One planned step of an attention backend; built once per step, used by every layer.
+
+    ``sliding_window``, ``chunk`` and ``sinks`` are a layer's (`LayerSpec`); ``sinks`` a tensor of
+    per-head sink logits. `gather` and `attend_context` serve ``context`` layers (MLA), whose
+    cache update returns each sequence's whole context; a backend without them serves no such
+    model (`AttentionShape.flashinfer_unsupported`)."""
 
     def write_kv(
         self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -36,8 +41,28 @@ class AttentionStep(Protocol):
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        chunk: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of the step's queries ``[T, H, D]`` over their sequences' pages."""
+
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's whole context from the pages, rows one after another: ``[C, heads, dim]``."""
+
+    def attend_context(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        scaling: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        chunk: int | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of the step's queries ``[T, H, D]`` over K/V given for each row's whole
+        context, as `gather` lays them out (``[C, H, D]``)."""
 
 
 @contextmanager

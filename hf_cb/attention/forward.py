@@ -30,9 +30,14 @@ def forward_step(forward, model: torch.nn.Module, cache: PagedCache, step: Atten
     """Logits ``[S, V]`` of one packed step (``input_ids``/``position_ids`` ``[1, T]``) through
     ``forward`` (the model or its compiled forward). The 4-D ``mask`` makes the model build no
     mask of its own; the step does the masking. ``(cache, step)`` is the thread's current step for
-    the forward only (`context.stepping`)."""
+    the forward only (`context.stepping`). ``logits_to_keep``: the rows to return (a tensor of
+    token indices); a model that ignores it (Whisper's decoder) returns every row, and they are
+    picked here."""
     with stepping(cache, step), torch.no_grad():
         out = forward(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                       logits_to_keep=logits_to_keep,
                       **{cache_keyword(model): cache, STEP_KWARG: True, KV_DTYPE_KWARG: cache.dtype})
-    return out.logits[0]
+    logits = out.logits[0]
+    if logits.shape[0] != logits_to_keep.shape[0]:
+        logits = logits[logits_to_keep]
+    return logits

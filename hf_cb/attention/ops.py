@@ -18,26 +18,34 @@ from hf_cb.attention.context import current_step
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scaling: float,
-                    sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+                    sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """Write ``key``/``value`` (``[T, Hkv, D]``) into layer ``layer_idx``'s pages, then attend
-    the step's queries ``[T, H, D]`` over their sequences' pages; ``[T, H, Dv]``."""
+    the step's queries ``[T, H, D]`` over their sequences' pages; ``[T, H, Dv]``. (For a
+    ``context`` layer, whose cache update wrote them already, ``key``/``value`` are each
+    sequence's whole context, and the op attends over them.)"""
     if torch.compiler.is_compiling():
-        return torch.ops.hf_cb.paged_attention(query, key, value, layer_idx, scaling, sliding_window, softcap)
-    return _run(query, key, value, layer_idx, scaling, sliding_window, softcap)
+        return torch.ops.hf_cb.paged_attention(query, key, value, layer_idx, scaling, sliding_window, softcap, sinks)
+    return _run(query, key, value, layer_idx, scaling, sliding_window, softcap, sinks)
 
 
-def _run(query, key, value, layer_idx, scaling, sliding_window, softcap) -> torch.Tensor:
+def _run(query, key, value, layer_idx, scaling, sliding_window, softcap, sinks) -> torch.Tensor:
     current = current_step()
     if current is None:
         raise RuntimeError("hf_cb's paged attention runs only inside an engine step")
     cache, step = current
     layer = cache.layers[layer_idx]
+    spec = layer.spec
+    # The layer's window as the model's mask would apply it (its config); the keyword where the
+    # config names none.
+    options = dict(scaling=scaling, sliding_window=spec.window if spec.window is not None else sliding_window,
+                   softcap=softcap, chunk=spec.chunk, sinks=sinks)
+    if spec.context:
+        return step.attend_context(query, key, value, **options)
     step.write_kv(layer.keys, layer.values, key, value)
-    return step.attend(query, layer.keys, layer.values, scaling=scaling, sliding_window=sliding_window,
-                       softcap=softcap)
+    return step.attend(query, layer.keys, layer.values, **options)
 
 
-def _fake(query, key, value, layer_idx, scaling, sliding_window, softcap) -> torch.Tensor:
+def _fake(query, key, value, layer_idx, scaling, sliding_window, softcap, sinks) -> torch.Tensor:
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
@@ -46,7 +54,7 @@ _lib = torch.library.Library("hf_cb", "FRAGMENT")
 # takes the K/V views the model produced).
 _lib.define(
     "paged_attention(Tensor query, Tensor key, Tensor value, int layer_idx, float scaling, int? sliding_window, "
-    "float? softcap) -> Tensor",
+    "float? softcap, Tensor? sinks) -> Tensor",
     tags=(torch.Tag.needs_fixed_stride_order,),
 )
 _lib.impl("paged_attention", _run, "CompositeExplicitAutograd")

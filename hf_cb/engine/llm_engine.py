@@ -30,7 +30,7 @@ from hf_cb.engine.tp_rank import TensorParallelRank
 from hf_cb.engine.weights import weights_state
 from hf_cb.manager import PageManager
 from hf_cb.model_support.probe import add_step_hooks, probe_attention
-from hf_cb.model_support.shape import attention_shape, layer_windows
+from hf_cb.model_support.shape import context_length
 from hf_cb.paged_cache import PagedCache, kv_cache_dtype
 from hf_cb.performance.compile import compile_forward, frozen_heap
 from hf_cb.performance.cuda_graphs import DecodeGraphs
@@ -54,10 +54,10 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
         # Tensor parallel: rank 0 decides the requests, the pool size and the sampled tokens.
         group = tensor_parallel_group(model)
         self.tp = TensorParallel(group) if group is not None else None
-        self.windows = layer_windows(model)
-        self.shape = attention_shape(model)
-        # Judge the model by what it does (one tiny step), not by its class's flags.
-        self._step_hooks = add_step_hooks(model) if probe_attention(model) else []
+        # Judge the model by what it does (one recording forward, one tiny step), not by its class's flags.
+        probe = probe_attention(model)
+        self.shape = probe.shape
+        self._step_hooks = add_step_hooks(model) if probe.needs_hooks else []
         self._original_attn = model.config._attn_implementation
         self.fused: list[FusedGroup] = []
         try:
@@ -67,22 +67,28 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
             raise
 
     def _start(self, model: torch.nn.Module, config: EngineConfig) -> None:
-        text_config = model.config.get_text_config(decoder=True)
-        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or context_length(model)
+        if self.max_model_len is None:
+            raise ValueError(f"{type(model).__name__}'s config names no context length: set EngineConfig.max_model_len")
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         self.max_num_page_ids = config.max_num_seqs * self.max_pages_per_seq  # page ids in one step
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = model.device
         self.dtype = model.dtype
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        self.page_bytes = PagedCache.bytes_per_page(
-            self.shape.num_layers, config.page_size, self.shape.num_kv_heads, self.shape.head_dim, self.kv_dtype
-        )
+        if self.kv_dtype != self.dtype and any(s.context for s in self.shape.layers):
+            raise ValueError("kv_cache_dtype='fp8' is not supported for models that expand a compressed K/V cache "
+                             "(MLA) yet")
+        self.page_bytes = PagedCache.bytes_per_page(self.shape.layers, config.page_size, self.kv_dtype)
         self.backend = make_backend(config, self.shape, self.dtype, self.device, self.max_num_page_ids,
                                     kv_dtype=self.kv_dtype, max_pages_per_seq=self.max_pages_per_seq)
         if config.fuse_projections and self.tp is None:  # a tensor-parallel shard's weights are DTensors
             self.fused = fuse_projections(model)
         compiles = config.compile if config.compile is not None else self._replays_graphs()
+        if compiles and any(s.context for s in self.shape.layers):
+            # Their cache update gathers each sequence's context: not traced yet, so not compiled.
+            logger.info("hf_cb: the forward is not compiled for a model that expands its cached K/V (MLA)")
+            compiles = False
         self.forward = compile_forward(model) if compiles else model
 
         model.set_attn_implementation(ATTENTION_NAME)
@@ -117,11 +123,8 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
     def _build(self, num_pages: int) -> None:
         """(Re)create the page pool and everything that holds it."""
         config, shape = self.config, self.shape
-        self.cache = PagedCache(
-            shape.num_layers, num_pages, config.page_size, shape.num_kv_heads, shape.head_dim,
-            self.kv_dtype, self.device, sliding_layers=[w is not None for w in self.windows],
-            layout=self.backend.kv_layout,
-        )
+        self.cache = PagedCache(shape.layers, num_pages, config.page_size, self.kv_dtype, self.device,
+                                layout=self.backend.kv_layout)
         self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq,
                                    prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.manager, self.stats)

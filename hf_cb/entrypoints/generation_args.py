@@ -13,6 +13,9 @@ from hf_cb.sampling.params import SamplingParams
 
 # generate() arguments that change decoding in ways hf_cb does not reproduce, with the value
 # that means "off". A config that sets any of them to something else goes to stock generate.
+# Not here, since they change nothing generate returns for a decoder-only model: use_cache (MPT's
+# checkpoints set it False; decoding without a cache gives the same tokens) and the encoder_*
+# processors (which read an encoder's input, and stock generate skips without one).
 _NEUTRAL_CONFIG = {
     "num_beams": (None, 1),
     "num_beam_groups": (None, 1),
@@ -27,8 +30,6 @@ _NEUTRAL_CONFIG = {
     "max_time": (None,),
     "guidance_scale": (None, 1, 1.0),
     "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "encoder_repetition_penalty": (None, 1, 1.0),
     "bad_words_ids": (None,),
     "sequence_bias": (None,),
     "typical_p": (None, 1, 1.0),
@@ -44,7 +45,6 @@ _NEUTRAL_CONFIG = {
     "renormalize_logits": (None, False),
     "token_healing": (None, False),
     "cache_implementation": (None,),
-    "use_cache": (None, True),
 }
 # Keyword arguments of generate() that only stock generate honours.
 STOCK_ONLY_KWARGS = (

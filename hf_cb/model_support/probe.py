@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,9 +19,10 @@ from torch.utils.hooks import RemovableHandle
 from hf_cb.attention.backends.torch_backend import TorchAttentionBackend
 from hf_cb.attention.context import AttentionStep, in_step
 from hf_cb.attention.forward import forward_step
+from hf_cb.attention.shape import AttentionShape
 from hf_cb.attention_interface import ATTENTION_NAME, STEP_KWARG, register
 from hf_cb.manager import PageManager
-from hf_cb.model_support.shape import ModelNotSupported, attention_shape, eval_mode, layer_windows
+from hf_cb.model_support.shape import ModelNotSupported, check_heads, eval_mode, is_device_fault, read_attention
 from hf_cb.paged_cache import PagedCache
 
 _CACHE_NAMES = ("cache", "past_key_values")  # Transformers 5.24 renamed the keyword
@@ -33,30 +35,37 @@ _PROBE_PAGE_SIZE = 4
 # weights) to 0.3-1 (the tests' models). Only gross errors are refused in half precision.
 _MAX_LOGIT_ERROR = {torch.float32: 0.01, torch.float64: 0.01}
 _MAX_LOGIT_ERROR_HALF = 0.1
-# Failures of the device, not of the model: they propagate as they are (AcceleratorError: torch 2.8+).
-_DEVICE_FAULTS = (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
 
 
 class RecordingStep:
-    """A backend step that counts, per cache layer, the calls of `paged_attention`: each writes
-    the layer's K/V (`write_kv`), then attends over its pages (`attend`), so counting the
-    attends counts both. Layers are told apart by their page tensors, which `paged_attention`
+    """A backend step that counts, per cache layer, the K/V writes of a step (each layer writes
+    once: in the attention op, or, for a ``context`` layer, in its cache update) and, in all,
+    the attention calls. Layers are told apart by their page tensors, which `paged_attention`
     takes by the attention module's ``layer_idx``."""
 
     def __init__(self, step: AttentionStep, cache: PagedCache):
         self.step = step
         self._layer_of = {(id(layer.keys), id(layer.values)): i for i, layer in enumerate(cache.layers)}
-        self.calls: Counter[int] = Counter()
+        self.writes: Counter[int] = Counter()
+        self.attends = 0
         # What the backend step (hf_cb's code) raised, if it did: it reaches the probe through
         # the model's frames, and must not be taken for the model's failure.
         self.error: Exception | None = None
 
     def write_kv(self, k_cache, v_cache, key, value) -> None:
+        self.writes[self._layer_of[(id(k_cache), id(v_cache))]] += 1
         self._recorded(self.step.write_kv, k_cache, v_cache, key, value)
 
     def attend(self, query, k_cache, v_cache, **kwargs) -> torch.Tensor:
-        self.calls[self._layer_of[(id(k_cache), id(v_cache))]] += 1
+        self.attends += 1
         return self._recorded(self.step.attend, query, k_cache, v_cache, **kwargs)
+
+    def gather(self, k_cache, v_cache):
+        return self._recorded(self.step.gather, k_cache, v_cache)
+
+    def attend_context(self, query, key, value, **kwargs) -> torch.Tensor:
+        self.attends += 1
+        return self._recorded(self.step.attend_context, query, key, value, **kwargs)
 
     def _recorded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``call(*args, **kwargs)``, keeping what it raises in `error`."""
@@ -67,20 +76,25 @@ class RecordingStep:
             raise
 
 
-def probe_attention(model: torch.nn.Module) -> bool:
-    """Run one tiny step (two short prompts packed in one row) through hf_cb's attention;
-    raise `ModelNotSupported` unless every attention layer called the ``"hf_cb"`` function (which
-    writes its K/V into the layer's pages and attends over them) exactly once, and the logits match
-    the model's own forward. The model is left as it was (attention implementation, modes).
-    What is not the model's doing (out of memory, a device fault, an error in hf_cb's own
-    backend) propagates as raised, and is not retried with hooks.
+@dataclass(frozen=True)
+class Probe:
+    """What the probe found: the model's attention, layer by layer, and whether its steps need
+    `add_step_hooks` (decoder layers that drop keyword arguments: StableLM, Nemotron)."""
 
-    Returns whether the engine must install `add_step_hooks`: True for a model whose decoder
-    layers do not pass keyword arguments on to their attention (StableLM, Nemotron), which
-    passes the probe only with the hooks."""
+    shape: AttentionShape
+    needs_hooks: bool
+
+
+def probe_attention(model: torch.nn.Module) -> Probe:
+    """Read the model's attention (`read_attention`), then run one tiny step (two short prompts
+    packed in one row) through hf_cb's attention; raise `ModelNotSupported` unless every
+    attention layer wrote its K/V and attended exactly once through the ``"hf_cb"`` function and
+    the logits match the model's own forward. The model is left as it was (attention
+    implementation, modes). What is not the model's doing (out of memory, a device fault, an
+    error in hf_cb's own backend) propagates as raised, and is not retried with hooks."""
     register()
     name = type(model).__name__
-    windows, shape = layer_windows(model), attention_shape(model)
+    check_heads(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     prompts = [(torch.arange(n) * 7 + 3 + i) % vocab for i, n in enumerate(_PROBE_LENGTHS)]
     original = _attn_implementations(model.config)
@@ -88,19 +102,20 @@ def probe_attention(model: torch.nn.Module) -> bool:
         expected = torch.cat([_plain_logits(model, p) for p in prompts])
         try:
             _switch(model, name)
+            shape = read_attention(model)
             try:
-                _check_step(model, name, prompts, windows, shape, expected)
-                return False
+                _check_step(model, name, prompts, shape, expected)
+                return Probe(shape, needs_hooks=False)
             except ModelNotSupported as refusal:
                 hooks = add_step_hooks(model)
                 try:
-                    _check_step(model, name, prompts, windows, shape, expected)
+                    _check_step(model, name, prompts, shape, expected)
                 except ModelNotSupported:
                     raise refusal from refusal.__cause__  # the reason without hooks
                 finally:
                     for hook in hooks:
                         hook.remove()
-                return True
+                return Probe(shape, needs_hooks=True)
         finally:
             model.set_attn_implementation(original)
 
@@ -159,22 +174,19 @@ def _switch(model: torch.nn.Module, name: str) -> None:
         )
 
 
-def _check_step(model, name, prompts, windows, shape, expected) -> None:
-    step, logits = _probe_step(model, name, prompts, windows, shape)
+def _check_step(model, name, prompts, shape, expected) -> None:
+    step, logits = _probe_step(model, name, prompts, shape)
     _check_layers(name, step, shape.num_layers)
     _check_logits(name, logits, expected, _MAX_LOGIT_ERROR.get(model.dtype, _MAX_LOGIT_ERROR_HALF))
 
 
-def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, torch.Tensor]:
+def _probe_step(model, name, prompts, shape) -> tuple[RecordingStep, torch.Tensor]:
     """One step of the packed prompts, with the arguments `ModelRunner` passes."""
     lengths = [len(p) for p in prompts]
     pages_per_seq = -(-max(lengths) // _PROBE_PAGE_SIZE)
     num_pages = len(prompts) * pages_per_seq
     device = model.device
-    cache = PagedCache(
-        shape.num_layers, num_pages, _PROBE_PAGE_SIZE, shape.num_kv_heads, shape.head_dim,
-        model.dtype, device, sliding_layers=[w is not None for w in windows],
-    )
+    cache = PagedCache(shape.layers, num_pages, _PROBE_PAGE_SIZE, model.dtype, device)
     manager = PageManager(num_pages, _PROBE_PAGE_SIZE, len(prompts), pages_per_seq)
     for seq_id, n in enumerate(lengths):
         manager.allocate(seq_id, n)
@@ -191,7 +203,7 @@ def _probe_step(model, name, prompts, windows, shape) -> tuple[RecordingStep, to
             raise
         # The model's own code failed on hf_cb's inputs: say where.
         raise ModelNotSupported(
-            f"{name} failed a probe step through hf_cb's attention after {len(step.calls)} of "
+            f"{name} failed a probe step through hf_cb's attention after {len(step.writes)} of "
             f"{shape.num_layers} layers called the attention interface with hf_cb's step: "
             f"{type(error).__name__}: {error}"
         ) from error
@@ -202,8 +214,8 @@ def _not_the_models(error: Exception, backend_error: Exception | None) -> bool:
     """Whether ``error`` says nothing about the model: the device failed (out of memory, a
     fault), or hf_cb's own backend step raised it (``backend_error``), or a model's handler
     raised it while handling that."""
-    if isinstance(error, _DEVICE_FAULTS) or (isinstance(error, RuntimeError) and "CUDA error" in str(error)):
-        return True  # before torch 2.8 a device fault is a plain RuntimeError
+    if is_device_fault(error):
+        return True
     cause: BaseException | None = error
     seen: set[int] = set()
     while cause is not None and id(cause) not in seen:  # a chain can loop back on itself
@@ -215,17 +227,20 @@ def _not_the_models(error: Exception, backend_error: Exception | None) -> bool:
 
 
 def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
-    missing = [i for i in range(num_layers) if step.calls[i] == 0]
+    missing = [i for i in range(num_layers) if step.writes[i] == 0]
     if missing:
         raise ModelNotSupported(
             f"{name}: {len(missing)} of {num_layers} attention layers did not call the attention interface "
             f"(layers {missing}); hf_cb serves models whose every layer does"
         )
-    # Each call writes the layer's K/V: a second call in one step (two modules with one
-    # layer_idx) would overwrite the first's.
-    repeated = [i for i in range(num_layers) if step.calls[i] > 1]
+    # Each write is the layer's K/V for the step: a second one (two modules with one layer_idx)
+    # would overwrite the first's.
+    repeated = [i for i in range(num_layers) if step.writes[i] > 1]
     if repeated:
         raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step")
+    if step.attends != num_layers:
+        raise ModelNotSupported(f"{name}: {step.attends} attention calls in a step of {num_layers} attention "
+                                "layers; hf_cb serves models whose every layer attends once")
 
 
 def _check_logits(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hf_cb.attention.backends.flashinfer_backend import FlashInferBackend, Kind, run_attention
+from hf_cb.attention.backends.flashinfer_backend import FlashInferBackend, Kind, check_served, run_attention
 from hf_cb.attention.forward import forward_step
 from hf_cb.core.staging import Staging
 from hf_cb.manager import PageTable
@@ -169,7 +169,9 @@ class GraphDecodeStep:
             g.kv_indices, g.kv_indptr[: n + 1], g.kv_last_page_len[:n], kv_layout=g.backend.kv_layout,
         )
 
-    def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
+    def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap, chunk=None,
+               sinks=None) -> torch.Tensor:
+        check_served(chunk, sinks)
         if self.xqa is not None:
             return run_attention(self.xqa, query.contiguous(), (k_cache, v_cache), scaling, sliding_window)
         kind = (sliding_window, softcap, scaling)

@@ -268,7 +268,9 @@ class FlashInferStep:
             d["kv_indices"], d["kv_indptr"], d["kv_last_page_len"], kv_layout=self.backend.kv_layout,
         )
 
-    def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap) -> torch.Tensor:
+    def attend(self, query, k_cache, v_cache, *, scaling, sliding_window, softcap, chunk=None,
+               sinks=None) -> torch.Tensor:
+        check_served(chunk, sinks)
         q, cache = query.contiguous(), (k_cache, v_cache)
         wrappers = self.wrappers((sliding_window, softcap, scaling))
         if len(wrappers) == 1:
@@ -277,6 +279,12 @@ class FlashInferStep:
         for wrapper, part in zip(wrappers, self.parts):
             run_attention(wrapper, q[part.tokens], cache, scaling, sliding_window, out=out[part.tokens])
         return out
+
+
+def check_served(chunk: int | None, sinks: torch.Tensor | None) -> None:
+    """The engine sends no such layer here (`AttentionShape.flashinfer_unsupported`)."""
+    if chunk is not None or sinks is not None:
+        raise NotImplementedError("hf_cb's FlashInfer backend serves neither chunked attention nor sinks yet")
 
 
 def run_attention(wrapper, q, cache, scaling, sliding_window, out=None) -> torch.Tensor:

@@ -26,7 +26,7 @@ def make_backend(config: EngineConfig, shape: AttentionShape, dtype: torch.dtype
         if config.attention_backend == "flashinfer":
             raise ValueError(f"the FlashInfer backend needs a CUDA model, this one is on {device}")
         return torch_backend(config, device)
-    reason = flashinfer_unsupported_reason(dtype, shape.head_dim)
+    reason = shape.flashinfer_unsupported() or flashinfer_unsupported_reason(dtype, shape.head_dim)
     if not reason and kv_dtype == FP8:
         reason = xqa_unsupported_reason(shape.head_dim, config.page_size, shape.logit_softcap,
                                         torch.cuda.get_device_capability(device))
