@@ -22,7 +22,14 @@ from hf_cb.attention.forward import forward_step
 from hf_cb.attention.shape import AttentionShape
 from hf_cb.attention_interface import ATTENTION_NAME, STEP_KWARG, register
 from hf_cb.manager import PageManager
-from hf_cb.model_support.shape import ModelNotSupported, check_heads, eval_mode, is_device_fault, read_attention
+from hf_cb.model_support.shape import (
+    ModelNotSupported,
+    check_heads,
+    eval_mode,
+    is_device_fault,
+    layer_kinds,
+    read_attention,
+)
 from hf_cb.paged_cache import PagedCache
 
 _CACHE_NAMES = ("cache", "past_key_values")  # Transformers 5.24 renamed the keyword
@@ -94,6 +101,7 @@ def probe_attention(model: torch.nn.Module) -> Probe:
     error in hf_cb's own backend) propagates as raised, and is not retried with hooks."""
     register()
     name = type(model).__name__
+    layer_kinds(model)  # what the config says the layers do, before anything runs them
     check_heads(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     prompts = [(torch.arange(n) * 7 + 3 + i) % vocab for i, n in enumerate(_PROBE_LENGTHS)]
@@ -237,7 +245,9 @@ def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
     # would overwrite the first's.
     repeated = [i for i in range(num_layers) if step.writes[i] > 1]
     if repeated:
-        raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step")
+        raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step (it runs a "
+                                "layer's attention more than once per token, as differential or looped attention "
+                                "does; hf_cb keeps one K/V per layer and token)")
     if step.attends != num_layers:
         raise ModelNotSupported(f"{name}: {step.attends} attention calls in a step of {num_layers} attention "
                                 "layers; hf_cb serves models whose every layer attends once")
@@ -249,6 +259,7 @@ def _check_logits(name: str, got: torch.Tensor, expected: torch.Tensor, toleranc
     if not error <= tolerance:  # NaN too
         raise ModelNotSupported(
             f"{name} computes different logits through hf_cb (relative error {error:.3f} on a "
-            "packed probe step): its forward depends on more than position_ids and the Cache, "
-            "e.g. positions taken from the attention mask or the input ids"
+            "packed probe step of two sequences): its forward depends on more than position_ids and the "
+            "Cache, e.g. positions taken from the input ids, the attention mask or the cache's length, which a "
+            "step of several sequences cannot give it"
         )

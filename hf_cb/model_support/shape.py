@@ -30,6 +30,7 @@ _REFUSED_LAYER_TYPES = {
     "window_attention": "attention within non-overlapping windows",
     "reference_sliding_attention": "attention over the prompt plus a ring buffer of generated tokens",
 }
+_MLP_LAYER_TYPES = {"mlp", "moe", "sparse", "dense"}
 _CONTEXT_NAMES = ("max_position_embeddings", "max_target_positions", "n_positions", "max_sequence_length",
                   "seq_length", "n_ctx")
 
@@ -64,6 +65,8 @@ def layer_kinds(model: torch.nn.Module) -> list[tuple[int | None, int | None]]:
     layer_types = getattr(config, "layer_types", None) or []
     unsupported = sorted(set(layer_types) - _ATTENTION_LAYER_TYPES)
     if unsupported:
+        # An MLP-only layer (nemotron_h's "moe") neither attends nor keeps a state: name the others.
+        unsupported = [t for t in unsupported if t not in _MLP_LAYER_TYPES] or unsupported
         what = "; ".join(f"{t}: {_REFUSED_LAYER_TYPES.get(t, 'not an attention layer')}" for t in unsupported)
         raise ModelNotSupported(
             f"{name} has layers of type {unsupported} ({what}); hf_cb serves full, sliding-window and chunked "
@@ -146,17 +149,20 @@ def check_heads(model: torch.nn.Module) -> None:
     K/V heads). Checked before anything runs the model: a shard of half a head fails its forward."""
     config = model.config.get_text_config(decoder=True)
     name = type(model).__name__
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:  # RWKV, xLSTM...: no attention at all
+    layers = getattr(config, "per_layer_config", None)  # where heads vary by layer (Gemma 4, dots.llm3)
+    heads = [(getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None))
+             for c in (list(layers) if layers is not None else [config])]
+    if not all(q for q, _ in heads):  # RWKV, xLSTM...: no attention at all
         raise ModelNotSupported(f"{name}'s config names no attention heads; hf_cb serves attention LMs")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tp_size = tensor_parallel_size(model)
-    if kv_heads % tp_size or heads % tp_size:
-        raise ModelNotSupported(
-            f"{name} has {heads} query and {kv_heads} K/V heads, which {tp_size} tensor-parallel ranks cannot "
-            f"split into whole heads; hf_cb does not replicate K/V heads: use a tensor-parallel size that "
-            f"divides {math.gcd(heads, kv_heads)}"
-        )
+    for q, kv in heads:
+        kv = kv or q
+        if kv % tp_size or q % tp_size:
+            raise ModelNotSupported(
+                f"{name} has {q} query and {kv} K/V heads, which {tp_size} tensor-parallel ranks cannot "
+                f"split into whole heads; hf_cb does not replicate K/V heads: use a tensor-parallel size that "
+                f"divides {math.gcd(q, kv)}"
+            )
 
 
 @contextmanager
