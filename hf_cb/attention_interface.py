@@ -21,8 +21,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hf_cb.attention.context import last_update
 from hf_cb.attention.ops import paged_attention
-from hf_cb.paged_cache import to_cache_dtype
+from hf_cb.paged_cache import to_cache_dtype, tokens_first
 
 ATTENTION_NAME = "hf_cb"
 _recorder: ContextVar[list | None] = ContextVar("hf_cb_attention_recorder", default=None)
@@ -45,10 +46,11 @@ def hf_cb_attention(
         calls = _recorder.get()
         if calls is not None:
             calls.append(AttentionCall(module, tuple(query.shape), tuple(key.shape), tuple(value.shape),
-                                       kwargs.get("sliding_window"), kwargs.get("s_aux") is not None))
+                                       kwargs.get("sliding_window"), kwargs.get("s_aux") is not None,
+                                       layer_of(module)))
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int):
+    layer_idx = layer_of(module)
+    if layer_idx is None:
         raise NotImplementedError(f"hf_cb needs attention modules with an int layer_idx; {type(module).__name__} has none")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -57,21 +59,32 @@ def hf_cb_attention(
         # them). Here, not in the op: a compiled forward then fuses it into the kernel that makes
         # the keys (the rotary embedding) instead of launching two more per layer.
         key, value = to_cache_dtype(key, kv_dtype), to_cache_dtype(value, kv_dtype)
-    # Tensors arrive as [1, heads, T, D]; the packed step works on [T, heads, D].
+    # Tensors arrive as [B, heads, L, D] (one packed row, B = 1, or a batch-shaped step's B rows
+    # of L tokens); the step works on its tokens, row after row: [B * L, heads, D].
     sinks = kwargs.get("s_aux")  # gpt-oss's per-head sink logits
     if sinks is not None and hasattr(sinks, "to_local"):  # a tensor-parallel shard's: its own heads
         sinks = sinks.to_local()
     out = paged_attention(
-        query[0].transpose(0, 1),
-        key[0].transpose(0, 1),
-        value[0].transpose(0, 1),
+        tokens_first(query),
+        tokens_first(key),
+        tokens_first(value),
         layer_idx,
         float(scaling),
         kwargs.get("sliding_window"),
         kwargs.get("softcap"),
         sinks,
     )
-    return out.unsqueeze(0), None
+    return out.reshape(query.shape[0], query.shape[2], *out.shape[1:]), None
+
+
+def layer_of(module: torch.nn.Module) -> int | None:
+    """The layer an attention call belongs to: its module's ``layer_idx``, or where a module
+    serves several layers (no index of its own, or -1), the layer of the cache update just
+    before it."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if isinstance(layer_idx, int) and layer_idx >= 0:
+        return layer_idx
+    return last_update()
 
 
 def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -105,6 +118,7 @@ class AttentionCall:
     value: tuple[int, ...]
     sliding_window: int | None
     sinks: bool
+    layer_idx: int | None  # `layer_of` the module
 
 
 @contextmanager

@@ -84,8 +84,18 @@ class PageManager:
         cached = len(self.prefix_cache.evictable) if self.prefix_cache is not None else 0
         return len(self._free_pages) + cached
 
+    @property
+    def num_free_rows(self) -> int:
+        """Block-table rows (recurrent-state slots) no sequence holds."""
+        return len(self._free_rows)
+
     def has(self, seq_id: int) -> bool:
         return seq_id in self._rows
+
+    def row_of(self, seq_id: int) -> int:
+        """The sequence's row of the block table, which is also its recurrent-state slot: taken
+        with its first pages, given back when it frees them."""
+        return self._rows[seq_id]
 
     def pages_of(self, seq_id: int) -> np.ndarray:
         """The block table of a sequence (a copy)."""

@@ -13,18 +13,36 @@ function writes them into the layer's pages and attends over those in one op
 (`attention.ops.paged_attention`), which keeps the write before the read in a compiled forward.
 A ``context`` layer (MLA, which expands what it cached) is the exception: its ``update`` writes
 the new K/V into the pages itself and returns each sequence's whole context, gathered from them.
+
+A layer that keeps a recurrent state (linear attention, state-space, convolution) holds it in a
+slot pool (`attention.states`), bound to the step's sequences around each forward
+(`PagedCache.bound`); a hybrid layer holds both pages and states; a layer with neither (an MLP
+layer) is Transformers' `DummyLayer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hf_cb.attention.context import current_step, in_step
-from hf_cb.attention.shape import LayerSpec, uniform_shape
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # Transformers < 5.23: a layer that caches nothing (an MLP layer) of our own
+
+    class DummyLayer:
+        is_compileable = True
+        supports_early_init = False
+
+        def reset(self) -> None: ...
+
+from hf_cb.attention.context import current_step, in_step, note_update
+from hf_cb.attention.shape import LayerSpec, StateSpec, uniform_shape
+from hf_cb.attention.states import StateLayer
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no infinity, and a cast past it gives NaN
@@ -70,8 +88,8 @@ class PagedLayer(CacheLayerMixin):
         if not spec.context:
             return key_states, value_states
         step = current_step()[1]
-        # [1, heads, T, D] -> [T, heads, D], in the pages' dtype; the context back as the model's.
-        step.write_kv(self.keys, self.values, *(to_cache_dtype(x[0].transpose(0, 1), self.keys.dtype)
+        # [B, heads, L, D] -> [B * L, heads, D], in the pages' dtype; the context back as the model's.
+        step.write_kv(self.keys, self.values, *(to_cache_dtype(tokens_first(x), self.keys.dtype)
                                                  for x in (key_states, value_states)))
         keys, values = step.gather(self.keys, self.values)
         return (keys.to(key_states.dtype).transpose(0, 1)[None], values.to(value_states.dtype).transpose(0, 1)[None])
@@ -89,12 +107,35 @@ class PagedLayer(CacheLayerMixin):
         """Pages are owned by the page manager; a reset leaves them to it."""
 
 
-class PagedCache(Cache):
-    """The paged KV cache of an hf_cb engine, one `PagedLayer` per `LayerSpec`; usable only
-    inside an engine step."""
+def tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, L, D]`` as the step's tokens, row after row: ``[B * L, heads, D]`` (a view
+    for one row)."""
+    if x.shape[0] == 1:
+        return x[0].transpose(0, 1)
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
-    def __init__(self, specs: Sequence[LayerSpec], num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device, layout: Literal["NHD", "HND"] = "NHD"):
+
+class PagedStateLayer(StateLayer, PagedLayer):
+    """A layer with both K/V pages and recurrent states (Falcon-H1's, Zamba's hybrid layers)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spec: LayerSpec, page_size: int,
+                 state: StateSpec, num_slots: int, device: torch.device):
+        PagedLayer.__init__(self, keys, values, spec, page_size)
+        StateLayer.__init__(self, state, num_slots, device)
+
+    def get_seq_length(self) -> int:
+        return 0
+
+
+class PagedCache(Cache):
+    """The cache of an hf_cb engine: per layer, K/V pages (a `LayerSpec`), recurrent-state slots
+    (a `StateSpec`), both, or neither; usable only inside an engine step."""
+
+    def __init__(self, specs: Sequence[LayerSpec | None], num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device, layout: Literal["NHD", "HND"] = "NHD",
+                 states: Sequence[StateSpec | None] = (), num_slots: int = 0):
+        """``specs``: each layer's attention (None: it does not attend); ``states``: each layer's
+        recurrent state (empty, or None where it keeps none), ``num_slots`` of each."""
         if layout not in ("NHD", "HND"):
             raise ValueError(f"unknown KV layout {layout!r} (NHD or HND)")
 
@@ -102,13 +143,22 @@ class PagedCache(Cache):
             page = (page_size, heads) if layout == "NHD" else (heads, page_size)
             return torch.zeros((num_pages + 1, *page, dim), dtype=dtype, device=device)
 
-        layers = [PagedLayer(pages(s.kv_heads, s.k_dim), pages(s.v_heads, s.v_dim), s, page_size) for s in specs]
-        super().__init__(layers=layers)
+        def layer(spec: LayerSpec | None, state: StateSpec | None):
+            if spec is None:
+                return DummyLayer() if state is None else StateLayer(state, num_slots, device)
+            keys, values = pages(spec.kv_heads, spec.k_dim), pages(spec.v_heads, spec.v_dim)
+            if state is None:
+                return PagedLayer(keys, values, spec, page_size)
+            return PagedStateLayer(keys, values, spec, page_size, state, num_slots, device)
+
+        states = tuple(states) or (None,) * len(specs)
+        super().__init__(layers=[layer(spec, state) for spec, state in zip(specs, states)])
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
         self.layout = layout
         self.scratch_page = num_pages
+        self.state_layers = [la for la in self.layers if isinstance(la, StateLayer)]
 
     @classmethod
     def uniform(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
@@ -124,10 +174,49 @@ class PagedCache(Cache):
         return pages if self.layout == "NHD" else pages.transpose(1, 2)
 
     @staticmethod
-    def bytes_per_page(specs: Sequence[LayerSpec], page_size: int, dtype: torch.dtype) -> int:
-        return page_size * sum(s.page_elems() for s in specs) * torch.empty(0, dtype=dtype).element_size()
+    def bytes_per_page(specs: Sequence[LayerSpec | None], page_size: int, dtype: torch.dtype) -> int:
+        elems = sum(s.page_elems() for s in specs if s is not None)
+        return page_size * elems * torch.empty(0, dtype=dtype).element_size()
+
+    @staticmethod
+    def bytes_per_slot(states: Sequence[StateSpec | None]) -> int:
+        """Bytes of one sequence's recurrent states, every layer's."""
+        def size(shape: tuple[int, ...] | None, dtype: str) -> int:
+            return 0 if shape is None else math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+        return sum(size(c, s.conv_dtype) for s in states if s is not None for c in s.conv) + sum(
+            size(r, s.recurrent_dtype) for s in states if s is not None for r in s.recurrent)
+
+    @contextmanager
+    def bound(self, slots: torch.Tensor, fresh: bool) -> Iterator[None]:
+        """Serve the recurrent states of ``slots`` (the step's rows) for one forward, and write
+        them back after it; a forward that raises leaves the slots as they were. ``fresh``: the
+        step's sequences have no state yet."""
+        for layer in self.state_layers:
+            layer.bind(slots, fresh)
+        kept = None
+        try:
+            yield
+            kept = slots
+        finally:
+            for layer in self.state_layers:
+                layer.unbind(kept)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Give slot ``dst`` every layer's states of slot ``src``."""
+        for layer in self.state_layers:
+            layer.copy_slot(src, dst)
+
+    def copy_page(self, src: int, dst: int) -> None:
+        """Give page ``dst`` every layer's keys and values of page ``src``."""
+        for layer in self.layers:
+            if isinstance(layer, PagedLayer):
+                layer.keys[dst].copy_(layer.keys[src])
+                layer.values[dst].copy_(layer.values[src])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not in_step():
             raise RuntimeError("PagedCache is written only inside an hf_cb engine step")
+        if not torch.compiler.is_compiling():  # the thread's state is not traced (and need not be)
+            note_update(layer_idx)
         return self.layers[layer_idx].update(key_states, value_states)

@@ -232,7 +232,7 @@ def test_error_in_the_models_own_code_is_a_refusal(monkeypatch):
     model = tiny_model("llama")
     raised = fail_in_steps(monkeypatch, model, RuntimeError("shape mismatch in the MLP"))
     assert_refused(
-        model, r"LlamaForCausalLM failed a probe step through hf_cb's attention after 2 of 2 layers called "
+        model, r"LlamaForCausalLM failed a probe step through hf_cb's attention after 2 of 2 attention layers called "
         r"the attention interface with hf_cb's step: RuntimeError: shape mismatch in the MLP",
     )
     assert len(raised) == 2  # without hooks, then with them

@@ -82,6 +82,18 @@ def current_step() -> tuple[Cache, AttentionStep] | None:
     return getattr(_local, "current", None)
 
 
+def note_update(layer_idx: int) -> None:
+    """A cache's ``update`` for layer ``layer_idx`` ran on this thread: the attention call that
+    follows is that layer's, whatever its module's ``layer_idx`` (Zamba's one attention block
+    serves several layers, which hand the index to ``update``)."""
+    _local.last_update = layer_idx
+
+
+def last_update() -> int | None:
+    """The layer of this thread's last cache ``update`` (`note_update`), or None."""
+    return getattr(_local, "last_update", None)
+
+
 def in_step() -> bool:
     """Whether this thread is inside an engine step's forward. While `torch.compile` traces, yes:
     only engine steps run the compiled forward (and the thread's state is not traced)."""

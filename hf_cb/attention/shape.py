@@ -45,21 +45,51 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
-class AttentionShape:
-    """A model's attention as one process runs it: a `LayerSpec` per layer, by layer index."""
+class StateSpec:
+    """What a layer keeps per sequence besides K/V pages (linear attention, state-space and
+    convolution layers): each of its states' shape for one sequence, by state index, as
+    Transformers' linear-attention cache layers hold them (``conv``: ``[channels, kernel]``;
+    ``recurrent``: e.g. ``[heads, key_dim, value_dim]`` for Gated DeltaNet), and the dtypes the
+    model computes them in, by name (``"float32"``, ``"bfloat16"``...)."""
 
-    layers: tuple[LayerSpec, ...]
+    conv: tuple[tuple[int, ...] | None, ...]
+    recurrent: tuple[tuple[int, ...] | None, ...]
+    conv_dtype: str = "float32"
+    recurrent_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """A model's layers as one process runs them, by layer index: a `LayerSpec` for a layer that
+    attends (None for one that does not), and a `StateSpec` for a layer that keeps a recurrent
+    state (``states``: empty, or one entry per layer, None where it keeps none)."""
+
+    layers: tuple[LayerSpec | None, ...]
     logit_softcap: float | None = None  # Gemma 2's attention logit soft-cap
+    states: tuple[StateSpec | None, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def attention(self) -> tuple[LayerSpec, ...]:
+        """The specs of the layers that attend."""
+        return tuple(s for s in self.layers if s is not None)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any layer keeps a recurrent state per sequence."""
+        return any(s is not None for s in self.states)
+
     def uniform(self) -> LayerSpec | None:
-        """The one shape every layer has, or None where layers differ in heads or sizes."""
-        first = self.layers[0]
+        """The one shape every attention layer has, or None where they differ in heads or sizes."""
+        specs = self.attention
+        if not specs:
+            return None
+        first = specs[0]
         same = all((s.num_heads, s.kv_heads, s.k_dim, s.v_heads, s.v_dim)
-                   == (first.num_heads, first.kv_heads, first.k_dim, first.v_heads, first.v_dim) for s in self.layers)
+                   == (first.num_heads, first.kv_heads, first.k_dim, first.v_heads, first.v_dim) for s in specs)
         return first if same else None
 
     @property
@@ -82,16 +112,18 @@ class AttentionShape:
 
     def flashinfer_unsupported(self) -> str | None:
         """What of this attention hf_cb's FlashInfer backend does not serve yet, or None."""
-        if any(s.context for s in self.layers):
+        if self.stateful:
+            return "the model keeps a recurrent state per sequence (linear-attention or state-space layers)"
+        if any(s.context for s in self.attention):
             return "the model caches a compressed K/V that it expands after the cache (MLA)"
         spec = self.uniform()
         if spec is None:
             return "the model's layers differ in heads or head sizes"
         if spec.k_dim != spec.v_dim or spec.kv_heads != spec.v_heads:
             return "the model's keys and values differ in heads or sizes"
-        if any(s.sinks for s in self.layers):
+        if any(s.sinks for s in self.attention):
             return "the model's attention has sinks"
-        if any(s.chunk is not None for s in self.layers):
+        if any(s.chunk is not None for s in self.attention):
             return "the model has chunked attention layers"
         return None
 

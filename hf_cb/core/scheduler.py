@@ -36,6 +36,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     pending_index: list[int] = field(default_factory=list)  # where each sampled token went
+    forks: list = field(default_factory=list)  # state copies to make first (`state_scheduler.Fork`)
 
     @cached_property
     def is_decode(self) -> bool:

@@ -64,6 +64,9 @@ class Sequence:
     # After a failed step: whether it has since sampled a token in a step of its own (so a later
     # failure of a step it shares is not its own).
     passed_alone: bool = False
+    # Models with recurrent state: where this sequence's prefill stops for its waiting twins (the
+    # other samples of its prompt) to take copies of its state (`state_scheduler`).
+    fork_point: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -56,12 +56,13 @@ def step_peak_bytes(device: torch.device, run: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def pages_that_fit(device: torch.device, peak: int, config: EngineConfig, page_bytes: int, max_model_len: int) -> int:
-    """``memory_utilization`` of the free memory, less a step's ``peak``, in pages. Call it once
-    the throwaway pool is freed."""
+def pages_that_fit(device: torch.device, peak: int, config: EngineConfig, page_bytes: int, max_model_len: int,
+                   reserved: int = 0) -> int:
+    """``memory_utilization`` of the free memory, less a step's ``peak`` and ``reserved`` bytes
+    (the recurrent-state pool), in pages. Call it once the throwaway pool is freed."""
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    num_pages = int(config.memory_utilization * (free - peak) // page_bytes)
+    num_pages = int((config.memory_utilization * (free - peak) - reserved) // page_bytes)
     if num_pages * config.page_size < max_model_len:
         raise RuntimeError(
             f"hf_cb: only {num_pages} KV pages fit in GPU memory (a worst-case step takes "
@@ -69,3 +70,4 @@ def pages_that_fit(device: torch.device, peak: int, config: EngineConfig, page_b
         )
     logger.info("hf_cb: a worst-case step peaks at %.2f GiB; %.2f GiB free", peak / 2**30, free / 2**30)
     return num_pages
+

@@ -14,34 +14,33 @@ from itertools import count
 import torch
 from tqdm.auto import tqdm
 
-from hf_cb.attention.backends.flashinfer_backend import FlashInferBackend
 from hf_cb.attention.backends.selector import make_backend
 from hf_cb.attention_interface import ATTENTION_NAME, register
 from hf_cb.core.config import EngineConfig
 from hf_cb.core.limits import RequestLimits
-from hf_cb.core.scheduler import ScheduledBatch, Scheduler
+from hf_cb.core.scheduler import ScheduledBatch
 from hf_cb.core.sequence import FinishReason, Sequence
 from hf_cb.core.stats import StepStats
 from hf_cb.distributed.tensor_parallel import TensorParallel, tensor_parallel_group
-from hf_cb.engine.kv_budget import pages_that_fit, step_peak_bytes, worst_case_step
 from hf_cb.engine.lifecycle import EngineLifecycle
+from hf_cb.engine.pool import EnginePool
 from hf_cb.engine.recovery import Recovery
 from hf_cb.engine.tp_rank import TensorParallelRank
 from hf_cb.engine.weights import weights_state
-from hf_cb.manager import PageManager
 from hf_cb.model_support.probe import add_step_hooks, probe_attention
 from hf_cb.model_support.shape import context_length
 from hf_cb.paged_cache import PagedCache, kv_cache_dtype
 from hf_cb.performance.compile import compile_forward, frozen_heap
-from hf_cb.performance.cuda_graphs import DecodeGraphs
 from hf_cb.performance.fused_projections import FusedGroup, fuse_projections
 from hf_cb.sampling.params import SamplingParams, check_seed
-from hf_cb.worker.model_runner import ModelRunner, StepHandle
+from hf_cb.worker.model_runner import StepHandle
 
 logger = logging.getLogger("hf_cb")
+# The longest sequence of a model without attention (Mamba) whose config names no context length.
+UNBOUNDED_MODEL_LEN = 1 << 16
 
 
-class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
+class LLMEngine(EnginePool, EngineLifecycle, Recovery, TensorParallelRank):
     """Continuous batching over a paged KV cache for one Transformers causal LM."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None):
@@ -57,6 +56,7 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
         # Judge the model by what it does (one recording forward, one tiny step), not by its class's flags.
         probe = probe_attention(model)
         self.shape = probe.shape
+        self.chunked_prefill = probe.chunked_prefill
         self._step_hooks = add_step_hooks(model) if probe.needs_hooks else []
         self._original_attn = model.config._attn_implementation
         self.fused: list[FusedGroup] = []
@@ -68,15 +68,19 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
 
     def _start(self, model: torch.nn.Module, config: EngineConfig) -> None:
         self.max_model_len = config.max_model_len or context_length(model)
+        if self.max_model_len is None and not self.shape.attention:  # Mamba: no positions, no limit
+            self.max_model_len = UNBOUNDED_MODEL_LEN
         if self.max_model_len is None:
             raise ValueError(f"{type(model).__name__}'s config names no context length: set EngineConfig.max_model_len")
+        if self.shape.stateful:
+            self.config = config = self._state_config(config)
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         self.max_num_page_ids = config.max_num_seqs * self.max_pages_per_seq  # page ids in one step
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = model.device
         self.dtype = model.dtype
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        if self.kv_dtype != self.dtype and any(s.context for s in self.shape.layers):
+        if self.kv_dtype != self.dtype and any(s.context for s in self.shape.attention):
             raise ValueError("kv_cache_dtype='fp8' is not supported for models that expand a compressed K/V cache "
                              "(MLA) yet")
         self.page_bytes = PagedCache.bytes_per_page(self.shape.layers, config.page_size, self.kv_dtype)
@@ -85,7 +89,10 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
         if config.fuse_projections and self.tp is None:  # a tensor-parallel shard's weights are DTensors
             self.fused = fuse_projections(model)
         compiles = config.compile if config.compile is not None else self._replays_graphs()
-        if compiles and any(s.context for s in self.shape.layers):
+        if compiles and self.shape.stateful:
+            logger.info("hf_cb: the forward is not compiled for a model with recurrent state")
+            compiles = False
+        if compiles and any(s.context for s in self.shape.attention):
             # Their cache update gathers each sequence's context: not traced yet, so not compiled.
             logger.info("hf_cb: the forward is not compiled for a model that expands its cached K/V (MLA)")
             compiles = False
@@ -100,17 +107,7 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
         self.stats = StepStats()
         self.startup_s: dict[str, float] = {}  # seconds of the build's slow parts, by name
 
-        if config.num_pages is not None:
-            num_pages = config.num_pages
-        elif self.device.type == "cuda":
-            start = time.perf_counter()
-            num_pages = self._profile_num_pages()  # the first forward: with compile, the compilation
-            self.startup_s["first_forward"] = time.perf_counter() - start
-        else:
-            num_pages = max(1, min(config.cpu_max_pages, config.cpu_kv_cache_bytes // self.page_bytes))
-        if self.tp is not None:  # tensor parallel: one config and one pool size on every rank
-            num_pages = self.tp.agree(config, num_pages)
-        self.num_pages = num_pages
+        self.num_pages = num_pages = self._num_pages()
         self._build(num_pages)
         self._capture_graphs()
         self._weights = weights_state(model)
@@ -119,57 +116,6 @@ class LLMEngine(EngineLifecycle, Recovery, TensorParallelRank):
             num_pages, config.page_size, num_pages * config.page_size,
             num_pages * self.page_bytes / 2**30, type(self.backend).__name__,
         )
-
-    def _build(self, num_pages: int) -> None:
-        """(Re)create the page pool and everything that holds it."""
-        config, shape = self.config, self.shape
-        self.cache = PagedCache(shape.layers, num_pages, config.page_size, self.kv_dtype, self.device,
-                                layout=self.backend.kv_layout)
-        self.manager = PageManager(num_pages, config.page_size, config.max_num_seqs, self.max_pages_per_seq,
-                                   prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.manager, self.stats)
-        self.runner = ModelRunner(
-            self.model, self.forward, self.cache, self.manager, self.backend,
-            max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs, tp=self.tp,
-        )
-
-    def _profile_num_pages(self) -> int:
-        """Run a worst-case step on a throwaway pool; the pages that fit beside its peak (`kv_budget`)."""
-        case = worst_case_step(self.config, self.max_model_len)
-        self._build(case.num_pages)
-        for seq in case.batch.seqs:
-            self.manager.allocate(seq.seq_id, case.tokens_per_row)
-        peak = step_peak_bytes(self.device, lambda: self.runner.run(case.batch))
-        self.drop_pool()
-        return pages_that_fit(self.device, peak, self.config, self.page_bytes, self.max_model_len)
-
-    def drop_pool(self) -> None:
-        """Drop what `_build` built (the engine is then `asleep` until the next `_build`)."""
-        self.cache = self.manager = self.scheduler = self.runner = None
-
-    def _replays_graphs(self) -> bool:
-        """Whether decode steps replay from CUDA graphs: asked for, on FlashInfer, and not under
-        tensor parallelism (capturing the all-reduces of Transformers' TP layers, NCCL from Python
-        hooks, beside eager steps on the same communicator is not verified)."""
-        return self.config.cuda_graphs and isinstance(self.backend, FlashInferBackend) and self.tp is None
-
-    def _capture_graphs(self) -> None:
-        """Capture the decode graphs, if the config asks for them and the backend has them."""
-        if not self._replays_graphs():
-            if self.config.cuda_graphs and self.tp is not None:
-                logger.info("hf_cb: no decode CUDA graphs under tensor parallelism (collectives inside graphs "
-                            "are not supported by hf_cb yet); every step runs eager")
-            return
-        self.runner.graphs = None  # a recapture frees the old graphs' memory first
-        start = time.perf_counter()
-        graphs = DecodeGraphs(
-            self.model, self.forward, self.cache, self.backend, self.config.max_num_seqs, self.max_num_page_ids,
-            self.max_pages_per_seq,
-        )
-        graphs.capture()
-        self.runner.graphs = graphs
-        self.startup_s["graph_capture"] = time.perf_counter() - start
-        logger.info("hf_cb: captured %d decode graphs in %.1f s", len(graphs.sizes), self.startup_s["graph_capture"])
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -2,94 +2,55 @@
 
 `probe_attention` runs one tiny packed step through hf_cb's attention and checks that every
 attention layer attended (and so wrote its K/V) once through the ``"hf_cb"`` function, and that
-the logits equal the model's own forward.
+the logits equal the model's own forward. A model with recurrent state (linear attention,
+state-space layers) runs batch-shaped steps instead, as the engine runs it: prefill chunks that
+continue a state, and a decode step over two sequences' states (`probe_steps`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from hf_cb.attention.backends.torch_backend import TorchAttentionBackend
-from hf_cb.attention.context import AttentionStep, in_step
-from hf_cb.attention.forward import forward_step
+from hf_cb.attention.context import in_step
 from hf_cb.attention.shape import AttentionShape
 from hf_cb.attention_interface import ATTENTION_NAME, STEP_KWARG, register
-from hf_cb.manager import PageManager
+from hf_cb.model_support.probe_steps import (
+    STATE_STEPS,
+    WHOLE_PREFILL_STEPS,
+    check_layers,
+    check_logits,
+    check_state_steps,
+    packed_step,
+)
 from hf_cb.model_support.shape import (
     ModelNotSupported,
     check_heads,
     eval_mode,
-    is_device_fault,
     layer_kinds,
     read_attention,
 )
 from hf_cb.paged_cache import PagedCache
 
 _CACHE_NAMES = ("cache", "past_key_values")  # Transformers 5.24 renamed the keyword
-# Two sequences packed in one row, as the engine packs a step; page size 4 so each spans pages.
+# Two sequences packed in one row, as the engine packs a step (`probe_steps`).
 _PROBE_LENGTHS = (3, 5)
-_PROBE_PAGE_SIZE = 4
-# Per token, |logits - own forward's| over the spread of the own forward's. Measured on random
-# models: hf_cb and the model's own kernels differ by 0 in float32 (CPU and H200), up to 0.018
-# in bf16 (12 layers, H200); positions taken from the wrong place give 0.05 (12 layers, small
-# weights) to 0.3-1 (the tests' models). Only gross errors are refused in half precision.
-_MAX_LOGIT_ERROR = {torch.float32: 0.01, torch.float64: 0.01}
-_MAX_LOGIT_ERROR_HALF = 0.1
-
-
-class RecordingStep:
-    """A backend step that counts, per cache layer, the K/V writes of a step (each layer writes
-    once: in the attention op, or, for a ``context`` layer, in its cache update) and, in all,
-    the attention calls. Layers are told apart by their page tensors, which `paged_attention`
-    takes by the attention module's ``layer_idx``."""
-
-    def __init__(self, step: AttentionStep, cache: PagedCache):
-        self.step = step
-        self._layer_of = {(id(layer.keys), id(layer.values)): i for i, layer in enumerate(cache.layers)}
-        self.writes: Counter[int] = Counter()
-        self.attends = 0
-        # What the backend step (hf_cb's code) raised, if it did: it reaches the probe through
-        # the model's frames, and must not be taken for the model's failure.
-        self.error: Exception | None = None
-
-    def write_kv(self, k_cache, v_cache, key, value) -> None:
-        self.writes[self._layer_of[(id(k_cache), id(v_cache))]] += 1
-        self._recorded(self.step.write_kv, k_cache, v_cache, key, value)
-
-    def attend(self, query, k_cache, v_cache, **kwargs) -> torch.Tensor:
-        self.attends += 1
-        return self._recorded(self.step.attend, query, k_cache, v_cache, **kwargs)
-
-    def gather(self, k_cache, v_cache):
-        return self._recorded(self.step.gather, k_cache, v_cache)
-
-    def attend_context(self, query, key, value, **kwargs) -> torch.Tensor:
-        self.attends += 1
-        return self._recorded(self.step.attend_context, query, key, value, **kwargs)
-
-    def _recorded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``call(*args, **kwargs)``, keeping what it raises in `error`."""
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            self.error = error
-            raise
 
 
 @dataclass(frozen=True)
 class Probe:
-    """What the probe found: the model's attention, layer by layer, and whether its steps need
-    `add_step_hooks` (decoder layers that drop keyword arguments: StableLM, Nemotron)."""
+    """What the probe found: the model's attention and recurrent states, layer by layer;
+    whether its steps need `add_step_hooks` (decoder layers that drop keyword arguments:
+    StableLM, Nemotron); and whether a prefill may continue a recurrent state over several
+    tokens (False for models whose multi-token forward starts a fresh state, as Mamba's: each
+    prompt is then prefilled in one step)."""
 
     shape: AttentionShape
     needs_hooks: bool
+    chunked_prefill: bool = True
 
 
 def probe_attention(model: torch.nn.Module) -> Probe:
@@ -112,18 +73,17 @@ def probe_attention(model: torch.nn.Module) -> Probe:
             _switch(model, name)
             shape = read_attention(model)
             try:
-                _check_step(model, name, prompts, shape, expected)
-                return Probe(shape, needs_hooks=False)
+                return Probe(shape, needs_hooks=False, chunked_prefill=_check_step(model, name, prompts, shape, expected))
             except ModelNotSupported as refusal:
                 hooks = add_step_hooks(model)
                 try:
-                    _check_step(model, name, prompts, shape, expected)
+                    chunked = _check_step(model, name, prompts, shape, expected)
                 except ModelNotSupported:
                     raise refusal from refusal.__cause__  # the reason without hooks
                 finally:
                     for hook in hooks:
                         hook.remove()
-                return Probe(shape, needs_hooks=True)
+                return Probe(shape, needs_hooks=True, chunked_prefill=chunked)
         finally:
             model.set_attn_implementation(original)
 
@@ -182,84 +142,31 @@ def _switch(model: torch.nn.Module, name: str) -> None:
         )
 
 
-def _check_step(model, name, prompts, shape, expected) -> None:
-    step, logits = _probe_step(model, name, prompts, shape)
-    _check_layers(name, step, shape.num_layers)
-    _check_logits(name, logits, expected, _MAX_LOGIT_ERROR.get(model.dtype, _MAX_LOGIT_ERROR_HALF))
+# Per token, |logits - own forward's| over the spread of the own forward's. Measured on random
+# models: hf_cb and the model's own kernels differ by 0 in float32 (CPU and H200), up to 0.018
+# in bf16 (12 layers, H200); positions taken from the wrong place give 0.05 (12 layers, small
+# weights) to 0.3-1 (the tests' models). Only gross errors are refused in half precision.
+_MAX_LOGIT_ERROR = {torch.float32: 0.01, torch.float64: 0.01}
+_MAX_LOGIT_ERROR_HALF = 0.1
 
 
-def _probe_step(model, name, prompts, shape) -> tuple[RecordingStep, torch.Tensor]:
-    """One step of the packed prompts, with the arguments `ModelRunner` passes."""
-    lengths = [len(p) for p in prompts]
-    pages_per_seq = -(-max(lengths) // _PROBE_PAGE_SIZE)
-    num_pages = len(prompts) * pages_per_seq
-    device = model.device
-    cache = PagedCache(shape.layers, num_pages, _PROBE_PAGE_SIZE, model.dtype, device)
-    manager = PageManager(num_pages, _PROBE_PAGE_SIZE, len(prompts), pages_per_seq)
-    for seq_id, n in enumerate(lengths):
-        manager.allocate(seq_id, n)
-    table = manager.build(list(range(len(prompts))), [0] * len(prompts), lengths)
-    step = RecordingStep(TorchAttentionBackend(_PROBE_PAGE_SIZE, device).plan(table), cache)
-    try:
-        logits = forward_step(
-            model, model, cache, step, torch.cat(prompts).to(device)[None],
-            torch.from_numpy(table.positions).to(device)[None],
-            torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), torch.arange(table.num_tokens, device=device),
-        )
-    except Exception as error:
-        if _not_the_models(error, step.error):
-            raise
-        # The model's own code failed on hf_cb's inputs: say where.
-        raise ModelNotSupported(
-            f"{name} failed a probe step through hf_cb's attention after {len(step.writes)} of "
-            f"{shape.num_layers} layers called the attention interface with hf_cb's step: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    return step, logits.float()
-
-
-def _not_the_models(error: Exception, backend_error: Exception | None) -> bool:
-    """Whether ``error`` says nothing about the model: the device failed (out of memory, a
-    fault), or hf_cb's own backend step raised it (``backend_error``), or a model's handler
-    raised it while handling that."""
-    if is_device_fault(error):
-        return True
-    cause: BaseException | None = error
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:  # a chain can loop back on itself
-        if cause is backend_error:
+def _check_step(model, name, prompts, shape, expected) -> bool:
+    """Raise `ModelNotSupported` unless hf_cb's steps give the model's own logits; return
+    whether a prefill may continue a recurrent state over several tokens (chunked prefill)."""
+    tolerance = _MAX_LOGIT_ERROR.get(model.dtype, _MAX_LOGIT_ERROR_HALF)
+    if shape.stateful:
+        try:
+            check_state_steps(model, name, prompts, shape, expected, tolerance, STATE_STEPS)
             return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+        except ModelNotSupported as chunked:
+            try:  # a model whose multi-token forward always starts a fresh state (Mamba's)
+                check_state_steps(model, name, prompts, shape, expected, tolerance, WHOLE_PREFILL_STEPS)
+            except ModelNotSupported:
+                raise chunked from chunked.__cause__
+            return False
+    step, logits = packed_step(model, name, prompts, shape)
+    check_layers(name, step, list(range(shape.num_layers)))
+    check_logits(name, logits, expected, tolerance)
+    return True
 
 
-def _check_layers(name: str, step: RecordingStep, num_layers: int) -> None:
-    missing = [i for i in range(num_layers) if step.writes[i] == 0]
-    if missing:
-        raise ModelNotSupported(
-            f"{name}: {len(missing)} of {num_layers} attention layers did not call the attention interface "
-            f"(layers {missing}); hf_cb serves models whose every layer does"
-        )
-    # Each write is the layer's K/V for the step: a second one (two modules with one layer_idx)
-    # would overwrite the first's.
-    repeated = [i for i in range(num_layers) if step.writes[i] > 1]
-    if repeated:
-        raise ModelNotSupported(f"{name}: attention layers {repeated} wrote K/V more than once in one step (it runs a "
-                                "layer's attention more than once per token, as differential or looped attention "
-                                "does; hf_cb keeps one K/V per layer and token)")
-    if step.attends != num_layers:
-        raise ModelNotSupported(f"{name}: {step.attends} attention calls in a step of {num_layers} attention "
-                                "layers; hf_cb serves models whose every layer attends once")
-
-
-def _check_logits(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
-    spread = (expected - expected.mean(-1, keepdim=True)).norm(dim=-1).clamp_min(1e-6)
-    error = float(((got - expected).norm(dim=-1) / spread).max())
-    if not error <= tolerance:  # NaN too
-        raise ModelNotSupported(
-            f"{name} computes different logits through hf_cb (relative error {error:.3f} on a "
-            "packed probe step of two sequences): its forward depends on more than position_ids and the "
-            "Cache, e.g. positions taken from the input ids, the attention mask or the cache's length, which a "
-            "step of several sequences cannot give it"
-        )

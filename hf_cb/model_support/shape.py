@@ -10,19 +10,22 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from hf_cb.attention.context import note_update
 from hf_cb.attention.forward import cache_keyword
-from hf_cb.attention.shape import AttentionShape, LayerSpec
+from hf_cb.attention.shape import AttentionShape, LayerSpec, StateSpec
 from hf_cb.attention_interface import AttentionCall, recording
 from hf_cb.distributed.tensor_parallel import tensor_parallel_size
 
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+# Layers that keep a recurrent state in the cache's linear-attention layers (Transformers maps
+# these types to them), the hybrid ones besides K/V.
+_STATE_LAYER_TYPES = {"linear_attention", "conv"}
+_HYBRID_LAYER_TYPES = {"hybrid", "hybrid_sliding"}
+_SERVED_LAYER_TYPES = _ATTENTION_LAYER_TYPES | _STATE_LAYER_TYPES | _HYBRID_LAYER_TYPES
 # Why a layer type is refused: what the model does that hf_cb does not serve (yet).
 _REFUSED_LAYER_TYPES = {
-    "linear_attention": "linear-attention or state-space layers, which keep a recurrent state",
-    "conv": "convolution layers, which keep a recurrent state",
-    "hybrid": "layers that combine attention with a recurrent state",
-    "hybrid_sliding": "layers that combine attention with a recurrent state",
     "indexed_attention": "sparse attention chosen by an indexer (DeepSeek sparse attention)",
     "compressed_sparse_attention": "compressed sparse attention",
     "heavily_compressed_attention": "heavily compressed attention",
@@ -63,33 +66,46 @@ def layer_kinds(model: torch.nn.Module) -> list[tuple[int | None, int | None]]:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelNotSupported(f"{name} is an encoder-decoder model; hf_cb serves decoder-only LMs")
     layer_types = getattr(config, "layer_types", None) or []
-    unsupported = sorted(set(layer_types) - _ATTENTION_LAYER_TYPES)
+    unsupported = sorted(set(layer_types) - _SERVED_LAYER_TYPES - (_MLP_LAYER_TYPES if set(layer_types) & (
+        _STATE_LAYER_TYPES | _HYBRID_LAYER_TYPES) else set()))
     if unsupported:
         # An MLP-only layer (nemotron_h's "moe") neither attends nor keeps a state: name the others.
         unsupported = [t for t in unsupported if t not in _MLP_LAYER_TYPES] or unsupported
         what = "; ".join(f"{t}: {_REFUSED_LAYER_TYPES.get(t, 'not an attention layer')}" for t in unsupported)
         raise ModelNotSupported(
             f"{name} has layers of type {unsupported} ({what}); hf_cb serves full, sliding-window and chunked "
-            "attention layers"
+            "attention layers, and linear-attention, state-space and convolution layers"
         )
     num_layers = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     chunk = getattr(config, "attention_chunk_size", None)
     if not layer_types:
         return [(window, None)] * num_layers
-    return [(window if t == "sliding_attention" else None, chunk if t == "chunked_attention" else None)
-            for t in layer_types[:num_layers]]
+    return [(window if t in ("sliding_attention", "hybrid_sliding") else None,
+             chunk if t == "chunked_attention" else None) for t in layer_types[:num_layers]]
+
+
+def layer_roles(model: torch.nn.Module) -> list[tuple[bool, bool]]:
+    """Each layer's ``(attends, keeps a recurrent state)`` as its config's ``layer_types`` say
+    (a config without them: every layer attends)."""
+    config = model.config.get_text_config(decoder=True)
+    types = (getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    return [(t in _ATTENTION_LAYER_TYPES | _HYBRID_LAYER_TYPES, t in _STATE_LAYER_TYPES | _HYBRID_LAYER_TYPES)
+            for t in types[: config.num_hidden_layers]]
 
 
 class _RecordingCache(DynamicCache):
-    """A `DynamicCache` that keeps the shapes of what each layer first gives `update`."""
+    """A `DynamicCache` that keeps the shapes of what each layer first gives `update`; built from
+    the config where layers keep a recurrent state (Transformers then gives them linear-attention
+    layers)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, config=None) -> None:
+        super().__init__(**({} if config is None else {"config": config}))
         self.given: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.given.setdefault(layer_idx, (tuple(key_states.shape), tuple(value_states.shape)))
+        note_update(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
@@ -101,8 +117,10 @@ def read_attention(model: torch.nn.Module) -> AttentionShape:
     config = model.config.get_text_config(decoder=True)
     name = type(model).__name__
     kinds = layer_kinds(model)
+    roles = layer_roles(model)
     check_heads(model)
-    cache = _RecordingCache()
+    stateful = any(keeps for _, keeps in roles)
+    cache = _RecordingCache(config if stateful else None)
     ids = torch.tensor([[3, 4]], device=model.device)
     with recording() as calls, torch.no_grad(), eval_mode(model):
         try:
@@ -112,26 +130,61 @@ def read_attention(model: torch.nn.Module) -> AttentionShape:
                 raise
             raise ModelNotSupported(f"{name} failed a forward with hf_cb's attention function (outside a step, "
                                     f"over a DynamicCache): {type(error).__name__}: {error}") from error
-    by_layer = _calls_by_layer(name, calls, len(kinds))
-    layers = tuple(_spec(by_layer[i], cache.given.get(i), *kinds[i]) for i in range(len(kinds)))
-    return AttentionShape(layers, logit_softcap=getattr(config, "attn_logit_softcapping", None))
+    attending = [i for i, (attends, _) in enumerate(roles) if attends]
+    by_layer = _calls_by_layer(name, calls, attending)
+    layers = tuple(_spec(by_layer[i], cache.given.get(i), *kinds[i]) if i in by_layer else None
+                   for i in range(len(kinds)))
+    states = _states(name, cache, roles) if stateful else ()
+    return AttentionShape(layers, logit_softcap=getattr(config, "attn_logit_softcapping", None), states=states)
 
 
-def _calls_by_layer(name: str, calls: list[AttentionCall], num_layers: int) -> dict[int, AttentionCall]:
+def _calls_by_layer(name: str, calls: list[AttentionCall], attending: list[int]) -> dict[int, AttentionCall]:
     by_layer: dict[int, AttentionCall] = {}
     for call in calls:
-        layer_idx = getattr(call.module, "layer_idx", None)
-        if not isinstance(layer_idx, int):
+        if call.layer_idx is None:
             raise ModelNotSupported(f"{name}'s attention module {type(call.module).__name__} has no int layer_idx, "
                                     "by which hf_cb finds a layer's pages")
-        by_layer.setdefault(layer_idx, call)
-    missing = [i for i in range(num_layers) if i not in by_layer]
+        by_layer.setdefault(call.layer_idx, call)
+    missing = [i for i in attending if i not in by_layer]
     if missing:
         raise ModelNotSupported(
-            f"{name}: {len(missing)} of {num_layers} attention layers did not call the attention interface "
+            f"{name}: {len(missing)} of {len(attending)} attention layers did not call the attention interface "
             f"(layers {missing}); hf_cb serves models whose every layer does"
         )
     return by_layer
+
+
+def _states(name: str, cache: DynamicCache, roles: list[tuple[bool, bool]]) -> tuple[StateSpec | None, ...]:
+    """Each layer's recurrent states as the recording forward left them in the cache's
+    linear-attention layers (batch of one)."""
+    states: list[StateSpec | None] = []
+    for i, (_, keeps) in enumerate(roles):
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        if not keeps:
+            states.append(None)
+            continue
+        if not isinstance(layer, LinearAttentionCacheLayerMixin):
+            raise ModelNotSupported(f"{name}: layer {i} keeps a recurrent state, but not in a linear-attention "
+                                    "cache layer")
+        conv = [layer.conv_states.get(k) for k in range(layer.number_of_states)]
+        recurrent = [layer.recurrent_states.get(k) for k in range(layer.number_of_states)]
+        given = [t for t in (*conv, *recurrent) if t is not None]
+        if not given:
+            raise ModelNotSupported(
+                f"{name}: layer {i} keeps its recurrent state outside the Cache (in its own modules), where "
+                "hf_cb cannot keep one per sequence"
+            )
+        if not all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in given):
+            raise ModelNotSupported(f"{name}: layer {i}'s recurrent states are not one tensor per batch row")
+
+        def shapes(ts):
+            return tuple(None if t is None else tuple(t.shape[1:]) for t in ts)
+
+        def dtype(ts):
+            return next((str(t.dtype).removeprefix("torch.") for t in ts if t is not None), "float32")
+
+        states.append(StateSpec(shapes(conv), shapes(recurrent), dtype(conv), dtype(recurrent)))
+    return tuple(states)
 
 
 def _spec(call: AttentionCall, given: tuple | None, window: int | None, chunk: int | None) -> LayerSpec:
@@ -152,6 +205,8 @@ def check_heads(model: torch.nn.Module) -> None:
     layers = getattr(config, "per_layer_config", None)  # where heads vary by layer (Gemma 4, dots.llm3)
     heads = [(getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None))
              for c in (list(layers) if layers is not None else [config])]
+    if not any(attends for attends, _ in layer_roles(model)):  # Mamba: no attention, only states
+        return
     if not all(q for q, _ in heads):  # RWKV, xLSTM...: no attention at all
         raise ModelNotSupported(f"{name}'s config names no attention heads; hf_cb serves attention LMs")
     tp_size = tensor_parallel_size(model)

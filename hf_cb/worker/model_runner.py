@@ -14,7 +14,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from hf_cb.attention.forward import forward_step
+from hf_cb.attention.forward import forward_step, step_mask
+from hf_cb.attention.shape import AttentionShape
 from hf_cb.core.scheduler import ScheduledBatch
 from hf_cb.core.sequence import PENDING, TokenLogprob
 from hf_cb.core.staging import Staging
@@ -27,13 +28,15 @@ from hf_cb.sampling.sampler import SamplingBatch, compute_logprobs, is_greedy, m
 
 @dataclass
 class StepInputs:
-    """The packed tensors of one forward: a single row of ``T`` tokens."""
+    """The tensors of one forward: a single packed row of ``T`` tokens (or, for a model with
+    recurrent state, ``B`` rows of ``T / B`` tokens, staged flat)."""
 
     table: PageTable
     input_ids: np.ndarray  # [T], pending tokens as 0
     pending_dst: torch.Tensor | None  # positions in input_ids filled on the device...
     pending_src: torch.Tensor | None  # ...from these rows of the previous step's tokens
     logits_indices: np.ndarray  # [S]: the last token of each sampling row
+    slots: torch.Tensor | None = None  # [B]: each row's recurrent-state slot
 
 
 @dataclass
@@ -52,7 +55,7 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, forward, cache: PagedCache, manager: PageManager, backend,
                  max_num_tokens: int, max_num_seqs: int, graphs: DecodeGraphs | None = None,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, *, shape: AttentionShape):
         self.model = model
         self.tp = tp  # a TensorParallel: every rank takes rank 0's sampled tokens
         self.forward = forward  # the model itself, or its compiled forward
@@ -63,14 +66,16 @@ class ModelRunner:
         self.device = model.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.on_cuda = self.device.type == "cuda"
+        # Models with recurrent state run batch-shaped steps (`state_scheduler`).
+        self.batch_shaped = bool(cache.state_layers)
         i64 = torch.int64
         self.staging = Staging(self.device, {
             "input_ids": (max_num_tokens, i64), "positions": (max_num_tokens, i64),
             "logits_indices": (max(max_num_seqs, 2), i64),
             "pending_dst": (max_num_seqs, i64), "pending_src": (max_num_seqs, i64),
+            "slots": (max_num_seqs, i64),
         })
-        # A 4-D mask makes the model skip all mask construction; the step does the masking.
-        self._mask_sentinel = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._mask = step_mask(shape, self.device)
         # Pinned buffers are rewritten only after the copies of the previous step have run.
         self._inputs_copied = torch.cuda.Event() if self.on_cuda else None
         # Read-back buffers, two of each: step n+1 is launched before step n's are read.
@@ -103,7 +108,14 @@ class ModelRunner:
             pending_dst = self.staging.put("pending_dst", dst)[1]
             pending_src = self.staging.put("pending_src", src)[1]
         logits_indices = table.qo_indptr[1:][batch.sample_rows].astype(np.int64) - 1
-        return StepInputs(table, input_ids, pending_dst, pending_src, logits_indices)
+        slots = None
+        if self.batch_shaped:
+            if len(set(num_new)) > 1 or len({c == 0 for c in num_cached}) > 1:
+                raise RuntimeError("hf_cb: a batch-shaped step's rows differ in length or in having a state")
+            slots = self.staging.put("slots", np.fromiter((self.manager.row_of(s.seq_id) for s in seqs), np.int64,
+                                                          len(seqs)))[1]
+            logits_indices = np.asarray(batch.sample_rows, dtype=np.int64)  # rows of [B, V] logits
+        return StepInputs(table, input_ids, pending_dst, pending_src, logits_indices, slots)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -112,6 +124,10 @@ class ModelRunner:
         if self._inputs_copied is not None:
             self._inputs_copied.synchronize()
         inputs = self.prepare(batch, prev)
+        for fork in batch.forks:  # n samples of a prompt: copies of the one that computed it
+            self.cache.copy_slot(fork.src_slot, fork.dst_slot)
+            if fork.src_page is not None:
+                self.cache.copy_page(fork.src_page, fork.dst_page)
         sampling = self._sampling_batch(batch)
         prev_tokens = prev.tokens if prev is not None else None
         graph_size = self.graphs.size_for(len(batch.seqs)) if self.graphs is not None and batch.is_decode else None
@@ -122,6 +138,9 @@ class ModelRunner:
             tokens, logits = self.graphs.replay(graph_size, len(batch.seqs))
             if not is_greedy(sampling):
                 tokens = sample(logits.float(), sampling)
+        elif self.batch_shaped:
+            logits = self._forward_batch_shaped(batch, inputs, prev_tokens)
+            tokens = sample(logits.float(), sampling)
         else:
             logits = self._forward_eager(inputs, prev_tokens)
             tokens = sample(logits.float(), sampling)
@@ -145,13 +164,29 @@ class ModelRunner:
         step = self.backend.plan(inputs.table)
         self._record_inputs_copied()
         logits = forward_step(self.forward, self.model, self.cache, step, input_ids[None], position_ids[None],
-                              self._mask_sentinel, logits_indices)
+                              self._mask, logits_indices)
         if self.backend.new_kinds:
             # A kind of layer was planned inside the forward, after the copy event: let those
             # copies finish before the pinned buffers are rewritten (first steps only).
             torch.cuda.synchronize(self.device)
             self.backend.new_kinds = False
         return logits[:num_logits]
+
+    def _forward_batch_shaped(self, batch: ScheduledBatch, inputs: StepInputs,
+                              prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[S, V]`` of the sampling rows of a batch-shaped step (``B`` rows of ``L``
+        tokens; `state_scheduler`), with the rows' recurrent states bound from their slots."""
+        rows, length = len(batch.seqs), batch.num_new_tokens[0]
+        input_ids = self.staging.put("input_ids", inputs.input_ids)[1]
+        fill_pending(input_ids, inputs, prev_tokens)
+        position_ids = self.staging.put("positions", inputs.table.positions)[1]
+        step = self.backend.plan(inputs.table)
+        self._record_inputs_copied()
+        fresh = batch.seqs[0].num_cached_tokens == 0
+        with self.cache.bound(inputs.slots, fresh):
+            logits = forward_step(self.forward, self.model, self.cache, step, input_ids.view(rows, length),
+                                  position_ids.view(rows, length), self._mask, 1)
+        return logits[torch.from_numpy(inputs.logits_indices).to(logits.device)]
 
     def _record_inputs_copied(self) -> None:
         if self._inputs_copied is not None:
