@@ -20,6 +20,9 @@ MODELS = {
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
         max_position_embeddings=8192)),
+    # Hybrid linear-attention shapes (BENCHMARKS.md): three Gated DeltaNet layers to one attention layer.
+    "qwen3.5-9b": ("Qwen3_5TextConfig", dict(max_position_embeddings=4096)),
+    "qwen3-next-16l": ("Qwen3NextConfig", dict(num_hidden_layers=16, max_position_embeddings=4096)),
 }
 ALIASES = {"W1": "mixed", "W2": "rollouts", "W3": "prefill", "W4": "gsm8k-like", "W5": "shared-prefix", "W6": "grpo"}
 
@@ -148,18 +151,28 @@ def median_seconds(fn, warmup: int = 3, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def roofline_tokens_per_s(model, wl: Workload, bandwidth: float, matrix_rate: float) -> float:
-    """Every request admitted at once. Prefill: 2 x params x ``wl.prefill_tokens`` of matrix
-    work. Decode step k (feeding each active request's k-th output token): read all weights once
-    plus the K/V of every active token; 2 x params x active requests of matrix work; the larger
-    time wins."""
+def roofline_tokens_per_s(model, wl: Workload, bandwidth: float, matrix_rate: float,
+                          state_bytes_per_seq: int = 0) -> float:
+    """Every request admitted at once. Prefill: 2 x active params x ``wl.prefill_tokens`` of
+    matrix work. Decode step k (feeding each active request's k-th output token): read the dense
+    weights once, the experts the step's tokens route to (`expert_fraction`), the K/V of every
+    active token in the attention layers, and each active request's recurrent state
+    (``state_bytes_per_seq``, read and written once); 2 x active params x active requests of
+    matrix work; the larger time wins."""
+    cfg = model.config.get_text_config(decoder=True)
     params = sum(p.numel() for p in model.parameters())
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    num_experts = next((getattr(cfg, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                        if getattr(cfg, k, None)), 0)
+    top_k = getattr(cfg, "num_experts_per_tok", 0) or 0
+    active_params = params - expert_params + (expert_params * top_k / num_experts if expert_params else 0)
     elem = next(model.parameters()).element_size()
-    cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    attention_layers = sum(t in ("full_attention", "sliding_attention", "hybrid") for t in layer_types)
+    kv_per_token = 2 * attention_layers * cfg.num_key_value_heads * head_dim * elem
     prefill = wl.prompt_tokens if wl.prefill_tokens is None else wl.prefill_tokens
-    total = 2 * params * prefill / matrix_rate
+    total = 2 * active_params * prefill / matrix_rate
     prompt_lens = [len(p) for p in wl.prompts for _ in range(wl.n)]
     by_len = sorted(zip(wl.completion_lens, prompt_lens))
     active_ctx = sum(prompt_lens)  # tokens in the cache of the active requests
@@ -171,6 +184,15 @@ def roofline_tokens_per_s(model, wl: Workload, bandwidth: float, matrix_rate: fl
             active_ctx -= by_len[i][1] + by_len[i][0] - 1
             i += 1
         active_ctx += active  # this step's token joins the context of every active request
-        step_bytes = params * elem + active_ctx * kv_per_token
-        total += max(step_bytes / bandwidth, 2 * params * active / matrix_rate)
+        weights = (params - expert_params + expert_params * expert_fraction(num_experts, top_k, active)) * elem
+        step_bytes = weights + active_ctx * kv_per_token + 2 * active * state_bytes_per_seq
+        total += max(step_bytes / bandwidth, 2 * active_params * active / matrix_rate)
     return wl.output_tokens / total
+
+
+def expert_fraction(num_experts: int, top_k: int, tokens: int) -> float:
+    """The expected share of a layer's experts that ``tokens`` tokens route to, each to ``top_k``
+    of ``num_experts`` uniformly (all of them once a batch is large)."""
+    if not num_experts:
+        return 0.0
+    return 1 - (1 - top_k / num_experts) ** tokens

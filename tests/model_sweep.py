@@ -402,6 +402,10 @@ def markdown(records: list[Record]) -> str:
          "its tokens differ from `generate`'s;"),
         "- `skipped`: stock Transformers itself cannot run the tiny model (why is shown).",
         "",
+        ("Models whose layers keep a recurrent state (hybrid linear-attention and state-space models) run "
+         "batch-shaped steps over a per-sequence state pool (docs/architecture.md); tests/test_state_models.py "
+         "checks them further under chunked prefill, preemption, `n` samples and aborts."),
+        "",
         "Counts: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + f", of {len(records)}.",
         "",
         "| model_type | class | status | reason | popular checkpoints |",

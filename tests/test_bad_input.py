@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import VOCAB, random_prompts, reference_generate, tiny_model
-from transformers import AutoModelForCausalLM, Qwen3NextConfig
+from transformers import AutoModelForCausalLM, RecurrentGemmaConfig
 
 import hf_cb
 
@@ -74,13 +74,13 @@ def test_failure_mid_run_frees_everything(model, monkeypatch):
 
 
 def test_unsupported_model_is_refused_when_the_engine_is_built():
-    config = Qwen3NextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, layer_types=["linear_attention", "full_attention"], num_experts=2,
-        num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    # RecurrentGemma keeps its recurrent state in its own modules, not in the Cache.
+    config = RecurrentGemmaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+        lru_width=64, vocab_size=VOCAB, attention_window_size=16,
     )
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(hf_cb.ModelNotSupported, match="linear_attention"):
+    with pytest.raises(hf_cb.ModelNotSupported, match="keeps its recurrent state outside the Cache"):
         model.generate_batch_continuous([[5, 6]], max_new_tokens=2)
 
 
