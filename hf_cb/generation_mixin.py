@@ -61,6 +61,7 @@ def generate_batch_continuous(
     engine_config: EngineConfig | None = None,
     progress: bool | None = None,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     **generate_kwargs: Any,
@@ -72,7 +73,9 @@ def generate_batch_continuous(
     (with ``attention_mask=`` to drop padding) or a BatchEncoding. ``generate_kwargs`` mean what
     they mean in ``model.generate`` (``stop_strings`` with ``tokenizer`` too); ``max_new_tokens``
     and ``seed`` may also be lists with one value per input. ``logprobs=k``: each token's
-    log-probability and the ``k`` most likely alternatives, in ``Completion.logprobs``.
+    log-probability and the ``k`` most likely alternatives, in ``Completion.logprobs``;
+    ``prompt_logprobs=k`` (vLLM's): the same for every prompt token after the first, in
+    ``Completion.prompt_logprobs`` (such a prompt is computed, never taken from the prefix cache).
     ``presence_penalty`` / ``frequency_penalty``: OpenAI's, over the generated tokens.
     ``progress``: a tqdm bar; None shows it for 32 or more sequences.
     """
@@ -99,7 +102,7 @@ def generate_batch_continuous(
     seeds = per_input("seed", seed, len(prompts))
     base_params = [
         params_from_config(config, len(p), m, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                           logprobs=logprobs)
+                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         for p, m in zip(prompts, max_news)
     ]
     req_prompts, req_params, req_seeds = [], [], []
@@ -119,6 +122,7 @@ def generate_batch_continuous(
             finish_reason=s.finish_reason,
             text=tokenizer.decode(s.output_ids, skip_special_tokens=True) if tokenizer is not None else None,
             logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
             num_cached_tokens=s.num_prefix_hit_tokens or 0,
         )
         for s in seqs

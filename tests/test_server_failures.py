@@ -31,7 +31,7 @@ HTTPServer = pytest.importorskip("hf_cb.server").HTTPServer
 # -- bad requests ------------------------------------------------------------------------------
 
 BAD_REQUESTS = {
-    "max_tokens_0": ("/v1/completions", {"prompt": "w5", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    "max_tokens_0": ("/v1/completions", {"prompt": "w5", "max_tokens": 0}, "max_tokens", "max_tokens must be at least 1"),
     "max_tokens_negative": ("/v1/completions", {"prompt": "w5", "max_tokens": -3}, "max_tokens", "max_tokens"),
     "max_completion_tokens_0": ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0},
                                 "max_completion_tokens", "max_completion_tokens"),

@@ -178,7 +178,7 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
         """(the cached pages a waiting sequence starts from, how many pages could have been)."""
-        if not self.caching:
+        if not self.caching or seq.params.prompt_logprobs is not None:  # its prompt is scored: computed
             return [], 0
         # Resolved tokens only, and never the last token: its logits are needed.
         matchable = min(seq.num_tokens - 1, seq.num_tokens - seq.num_pending) // self.page_size

@@ -27,6 +27,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # its rank among the vocabulary, 1 for the most likely (prompt tokens)
 
 
 @dataclass(eq=False)
@@ -64,6 +65,9 @@ class Sequence:
     # After a failed step: whether it has since sampled a token in a step of its own (so a later
     # failure of a step it shares is not its own).
     passed_alone: bool = False
+    # With params.prompt_logprobs: one entry per prompt token (None for the first), filled in as
+    # the prefill steps that score them resolve.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # Models with recurrent state: where this sequence's prefill stops for its waiting twins (the
     # other samples of its prompt) to take copies of its state (`state_scheduler`).
     fork_point: int | None = None
@@ -73,6 +77,8 @@ class Sequence:
             self.token_ids = list(self.prompt_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -147,6 +153,8 @@ class Completion:
         text: ``token_ids`` decoded with special tokens skipped, when a tokenizer was given.
         logprobs: one `TokenLogprob` per generated token, when ``logprobs=`` was given.
         num_cached_tokens: prompt tokens whose KV came from the prefix cache (as in vLLM).
+        prompt_logprobs: with ``prompt_logprobs=``, one entry per prompt token: None for the
+            first, then each token's `TokenLogprob` under the tokens before it (vLLM's).
     """
 
     prompt_ids: list[int]
@@ -155,3 +163,4 @@ class Completion:
     text: str | None = None
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -154,6 +154,7 @@ def _decode_ready(seq: Sequence) -> bool:
 
 
 def _twins(a: Sequence, b: Sequence) -> bool:
-    """``b`` is waiting, fresh, with ``a``'s prompt (a sample of the same request, say)."""
+    """``b`` is waiting, fresh, with ``a``'s prompt (a sample of the same request, say), and does
+    not score its prompt (a copy's prompt is not computed)."""
     return (b.status is SequenceStatus.WAITING and b.num_cached_tokens == 0 and b.num_generated == 0
-            and a.prompt_ids == b.prompt_ids)
+            and b.params.prompt_logprobs is None and a.prompt_ids == b.prompt_ids)

@@ -230,6 +230,8 @@ class LLMEngine(EnginePool, EngineLifecycle, Recovery, TensorParallelRank):
         start = time.perf_counter()
         self._failing = handle.batch
         tokens, logprobs = self.runner.wait(handle)
+        for seq, position, logprob in self.runner.prompt_logprobs(handle):
+            seq.prompt_logprobs[position] = logprob
         waited = time.perf_counter()
         updated = self.scheduler.resolve(handle.batch, tokens, logprobs)
         self.num_generated_tokens += len(updated)  # not the tokens dropped after an EOS

@@ -111,7 +111,7 @@ def per_input(name: str, value: Any, n: int) -> list[Any]:
 
 def params_from_config(config: GenerationConfig, prompt_len: int, max_new_tokens: int | None, *,
                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                       logprobs: int | None = None) -> SamplingParams:
+                       logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """A request's sampling parameters, read from a prepared generation config as `generate`
     does, plus what `generate` has no name for (OpenAI's penalties, log-probabilities)."""
     if max_new_tokens is None:
@@ -136,4 +136,5 @@ def params_from_config(config: GenerationConfig, prompt_len: int, max_new_tokens
         frequency_penalty=frequency_penalty,
         eos_token_ids=eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -46,6 +46,8 @@ class RequestOutput:
     num_generated: int
     time_to_first_token: float | None = None
     inter_token_latencies: list[float] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs, on the stream's first output: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -99,16 +101,22 @@ class EngineStream:
         self.prompt_ids, self.params, self.seed, self.notifier = prompt_ids, params, seed, notifier
         self.seq: Sequence | None = None  # set by the step thread when the engine takes it
         self._pushed = 0  # tokens of seq handed over so far (step thread only)
+        self._prompt_pushed = False
 
     def _push(self, seq: Sequence, now: float) -> None:
         end = seq.num_resolved
         start, self._pushed = self._pushed, end
         base = len(seq.prompt_ids)
         logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
-        self._feed(seq.token_ids[base + start : base + end], logprobs, seq.finish_reason if seq.is_done else None, now)
+        finish = seq.finish_reason if seq.is_done else None
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not self._prompt_pushed and (end > 0 or finish is not None):
+            # Complete once the first token is: the prefill's last step scored the rest.
+            prompt_logprobs, self._prompt_pushed = list(seq.prompt_logprobs), True
+        self._feed(seq.token_ids[base + start : base + end], logprobs, finish, now, prompt_logprobs)
 
     def _feed(self, tokens: list[int], logprobs: list[TokenLogprob] | None, finish: FinishReason | None,
-              now: float) -> None:
+              now: float, prompt_logprobs: list[TokenLogprob | None] | None = None) -> None:
         raise NotImplementedError
 
     def _fail(self, error: BaseException) -> None:
@@ -128,6 +136,7 @@ class RequestStream(EngineStream):
         self._lock = threading.Lock()
         self._tokens: list[int] = []
         self._logprobs: list[TokenLogprob] = []
+        self._prompt_logprobs: list[TokenLogprob | None] | None = None
         self._times: list[float] = []
         self._finish: FinishReason | None = None
         self._error: BaseException | None = None
@@ -136,11 +145,13 @@ class RequestStream(EngineStream):
 
     # -- the producer's side (the step thread, or a front end's receiver) ----------------------
 
-    def _feed(self, tokens, logprobs, finish, now) -> None:
+    def _feed(self, tokens, logprobs, finish, now, prompt_logprobs=None) -> None:
         with self._lock:
             self._tokens += tokens
             if logprobs is not None:
                 self._logprobs += logprobs
+            if prompt_logprobs is not None:
+                self._prompt_logprobs = prompt_logprobs
             if tokens:
                 self._times.append(now)
             if finish is not None:
@@ -158,9 +169,10 @@ class RequestStream(EngineStream):
         if self._closed:
             return None
         with self._lock:
-            if not self._tokens and self._finish is None and self._error is None:
+            if not self._tokens and self._finish is None and self._error is None and self._prompt_logprobs is None:
                 return None
             tokens, self._tokens = self._tokens, []
+            prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
             logprobs, self._logprobs = self._logprobs, []
             times, self._times = self._times, []
             finish, error = self._finish, self._error
@@ -177,7 +189,7 @@ class RequestStream(EngineStream):
         self.num_generated += len(tokens)
         self._closed = finish is not None
         out = RequestOutput(tokens, text, logprobs[: len(tokens)] if self.params.logprobs is not None else None,
-                            finish, len(self.prompt_ids), self.num_generated)
+                            finish, len(self.prompt_ids), self.num_generated, prompt_logprobs=prompt_logprobs)
         for t in times:
             if self._last_time is None:
                 out.time_to_first_token = t - self.arrival_time

@@ -24,6 +24,8 @@ class SamplingParams:
     ``eos_token_ids``: every token id that ends the sequence (the model's EOS unless ignored, and
     any stop token ids); banned until ``min_new_tokens`` are generated. ``logprobs``: None for
     none, else the chosen token's log-probability and the ``logprobs`` most likely alternatives.
+    ``prompt_logprobs`` (vLLM's name): likewise for every prompt token after the first, under the
+    tokens before it.
     """
 
     max_new_tokens: int
@@ -38,6 +40,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -58,16 +61,19 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     def _check_types(self) -> None:
         """Every value as the step's tensors take it: an int (not a bool) within int64, a finite
         float. A value that passed here can never make a step fail (an int past int64 did)."""
         ints = {name: getattr(self, name) for name in _INTS}
         ints.update({f"eos_token_ids[{i}]": t for i, t in enumerate(self.eos_token_ids)})
-        if self.logprobs is not None:
-            ints["logprobs"] = self.logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                ints[name] = getattr(self, name)
         for name, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer, got {value!r}")

@@ -2,7 +2,8 @@
 
 Routes: ``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/chat/completions``
 (and the un-prefixed ``/completions`` and ``/chat/completions`` of the system hf_cb grew from),
-``/health``, ``/metrics``. Every error is OpenAI's body ``{"error": {message, type, param,
+vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (`tokenize`), ``/health``,
+``/metrics``. Every error is OpenAI's body ``{"error": {message, type, param,
 code}}``: a bad request is 400 (schema errors too, not FastAPI's 422), an unknown model 404, a
 missing or wrong API key 401, a body over the limit 413, a failure inside the engine 500, a dead
 step loop 503.
@@ -27,8 +28,9 @@ from hf_cb.server.errors import ENGINE_ERRORS, APIError, engine_error
 from hf_cb.server.middleware import AccessLog, LimitBody, RequireKey, read_body
 from hf_cb.server.options import ServerOptions
 from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest, parse_json, prompt_count, validate
-from hf_cb.server.responses import collect, response_body, stream_events
+from hf_cb.server.responses import ResponseShape, collect, response_body, stream_events
 from hf_cb.server.serving import SamplingDefaults, Serving
+from hf_cb.server.tokenize import add_tokenizer_routes
 
 
 class EventStream(StreamingResponse):
@@ -138,25 +140,27 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, options: ServerO
         body = await read_body(request.stream(), options.max_request_bytes)
         return await asyncio.to_thread(checked, body, cls)
 
-    async def run(request: Request, req, prompts: list[list[int]], logprobs: int | None, chat: bool):
+    async def run(request: Request, req, prompts: list[list[int]], logprobs: int | None, chat: bool,
+                  echo_texts: list[str] | None = None):
         params = serving.check(req, prompts, logprobs, "messages" if chat else "prompt")
         try:
             streams = serving.submit(req, prompts, params)
         except EngineDeadError as error:
             raise engine_error(error) from error
-        num_prompt_tokens, want_logprobs = sum(map(len, prompts)), logprobs is not None
+        shape = ResponseShape(chat, logprobs is not None, prompts, req.n, echo_texts,
+                              score_only=getattr(req, "score_only", False),
+                              prompt_logprobs=req.prompt_logprobs is not None,
+                              return_token_ids=req.return_token_ids, tokens_as_ids=req.return_tokens_as_token_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(stream_events(serving, streams, chat=chat, want_logprobs=want_logprobs,
-                                             include_usage=include_usage, num_prompt_tokens=num_prompt_tokens), streams)
+            return EventStream(stream_events(serving, streams, shape, include_usage=include_usage), streams)
         try:
-            choices = await _until_disconnect(request, collect(serving, streams), streams)
+            choices = await _until_disconnect(request, collect(serving, streams, shape), streams)
         except ENGINE_ERRORS as error:
             raise engine_error(error) from error
         if isinstance(choices, Response):
             return choices
-        return response_body(serving, choices, chat=chat, want_logprobs=want_logprobs,
-                             num_prompt_tokens=num_prompt_tokens)
+        return response_body(serving, choices, shape)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     @app.post("/completions", include_in_schema=False)
@@ -164,7 +168,8 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, options: ServerO
         req = await parse(request, CompletionRequest)
         serving.check_model(req.model)
         prompts = await asyncio.to_thread(serving.completion_prompts, req)
-        return await run(request, req, prompts, req.logprobs, chat=False)
+        echo_texts = await asyncio.to_thread(serving.echo_texts, req, prompts) if req.echo else None
+        return await run(request, req, prompts, req.logprobs, chat=False, echo_texts=echo_texts)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     @app.post("/chat/completions", include_in_schema=False)
@@ -173,6 +178,8 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, options: ServerO
         serving.check_model(req.model)
         prompt = await asyncio.to_thread(serving.chat_prompt, req)
         return await run(request, req, [prompt], (req.top_logprobs or 0) if req.logprobs else None, chat=True)
+
+    add_tokenizer_routes(app, serving, parse)
 
     return app
 

@@ -119,9 +119,9 @@ class EngineClient:
 
     def _apply(self, records: list, failures: list, dead: str | None, stats: tuple) -> None:
         now, touched = time.perf_counter(), []
-        for key, tokens, logprobs, finish in records:
+        for key, tokens, logprobs, finish, prompt_logprobs in records:
             if (stream := self._streams.get(key)) is not None:
-                stream._feed(tokens, logprobs, finish, now)
+                stream._feed(tokens, logprobs, finish, now, prompt_logprobs)
                 touched.append(stream)
                 if finish is not None:
                     del self._streams[key]

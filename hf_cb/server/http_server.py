@@ -10,7 +10,7 @@ authenticated local socket (`multiprocessing.connection`):
 
 - engine -> front end: first ``(FrontendSettings, tokenizer)``; then, after each step and before
   the step loop idles, ``(records, failures, dead, stats)``: each record ``(key, new token ids,
-  new logprobs, finish reason)``, each failure ``(key, kind, message)``, ``dead`` a message once
+  new logprobs, finish reason, prompt logprobs)`` (the last only once, when asked for), each failure ``(key, kind, message)``, ``dead`` a message once
   the step loop has stopped, ``stats`` ``(running, waiting, kv usage, prefix-cache queries, hits)`` for ``/metrics``;
 - front end -> engine: ``("add", key, prompt_ids, params, seed)``, ``("abort", key)``,
   ``("ready", port)`` or ``("failed", message)``.
@@ -69,8 +69,8 @@ class _RemoteStream(EngineStream):
         super().__init__(prompt_ids, params, seed, bridge)
         self.key = key
 
-    def _feed(self, tokens, logprobs, finish, now) -> None:
-        self.notifier.records.append((self.key, tokens, logprobs, finish))
+    def _feed(self, tokens, logprobs, finish, now, prompt_logprobs=None) -> None:
+        self.notifier.records.append((self.key, tokens, logprobs, finish, prompt_logprobs))
         if finish is not None:
             self.notifier.streams.pop(self.key, None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: a 128k-token prompt as JSON token ids is under 1 MiB
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, at the root
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,8 @@ class ServerOptions:
 
     Attributes:
         api_key: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and its
-            un-prefixed aliases (``/metrics`` too with ``protect_metrics``); None: no key. An empty
+            un-prefixed aliases, and the tokenizer routes (``/metrics`` too with
+            ``protect_metrics``); None: no key. An empty
             key is refused: an unset shell variable must not turn authentication off.
         max_request_bytes: the largest request body; a larger one gets a 413.
         max_prompts: the most prompts one ``/v1/completions`` request may carry.
@@ -41,5 +43,5 @@ class ServerOptions:
 
     def protects(self, path: str) -> bool:
         """Whether ``path`` needs the key (when there is one)."""
-        return (path.startswith("/v1/") or path in ("/completions", "/chat/completions")
+        return (path.startswith("/v1/") or path in ("/completions", "/chat/completions", *TOKENIZER_ROUTES)
                 or (self.protect_metrics and path == "/metrics"))

@@ -2,7 +2,8 @@
 
 Every documented field is declared. Fields hf_cb honours carry their OpenAI ranges (so a bad
 value is a 400 naming the field); vLLM's extensions (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ...) are accepted too.
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``prompt_logprobs``,
+``return_token_ids``, ...) are accepted too.
 Fields hf_cb cannot honour (tools, response formats, logit bias, ...) are refused when set,
 rather than silently ignored; pure metadata (``user``, ``metadata``, ``store``, ...) is
 accepted. Unknown fields are refused, as the OpenAI API does.
@@ -66,6 +67,9 @@ class _Request(_Body):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each prompt token's, and its top k
+    return_token_ids: bool = False  # the prompt's and each choice's token ids in the response
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:N"
     # accepted, and refused when set (see `unsupported`)
     logit_bias: dict[str, float] | None = None
 
@@ -91,15 +95,19 @@ class _Request(_Body):
 class CompletionRequest(_Request):
     # Strict: pydantic would otherwise take [5, true] as [5, 1] and [5.0] as [5].
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt is scored and nothing generated
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def score_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt's log-probabilities, no completion."""
+        return self.echo and self.max_tokens == 0
+
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
-        if self.echo:
-            bad["echo"] = self.echo
         if self.suffix:
             bad["suffix"] = self.suffix
         if self.best_of not in (None, self.n):
@@ -169,6 +177,28 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize``: a text (``prompt``), or a chat (``messages``) through the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 def parse_json(body: bytes) -> dict[str, Any]:

@@ -104,6 +104,13 @@ class Serving:
             raise APIError(400, f"the request has {num_prompts} prompts; this server takes at most {self.max_prompts} "
                            "per request (--max-prompts-per-request)", param="prompt")
 
+    def echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Each prompt's text for ``echo``: as given, or its token ids decoded."""
+        given = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if given and isinstance(given[0], str):
+            return list(given)
+        return [self.tokenizer.decode(p) for p in prompts]
+
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The chat's token ids through the tokenizer's template (up to one token past the
         context, as `completion_prompts`); call it off the event loop."""
@@ -120,7 +127,9 @@ class Serving:
     def params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, logprobs: int | None,
                prompt_param: str) -> SamplingParams:
         d = self.defaults
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        # echo with max_tokens 0 scores the prompt: one token is generated, and dropped (`responses`).
+        max_tokens = 1 if getattr(req, "score_only", False) else (
+            getattr(req, "max_completion_tokens", None) or req.max_tokens)
         room = self.max_model_len - prompt_len
         if prompt_len > self.max_model_len:  # text is tokenized up to one token past the context
             has = f"more than {self.max_model_len}" if prompt_len == self.max_model_len + 1 else prompt_len
@@ -146,7 +155,7 @@ class Serving:
             repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             eos_token_ids=(() if req.ignore_eos else self.eos_token_ids) + tuple(req.stop_token_ids or ()),
-            logprobs=logprobs,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs(req, logprobs),
         )
 
     def check(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
@@ -154,6 +163,9 @@ class Serving:
         """Each prompt's sampling parameters; an `APIError` (400) if any request can never run."""
         # Stop token ids become EOS ids, which the engine bans below min_tokens by indexing the
         # logits: one outside the vocabulary would fail the step, and every request in it.
+        if getattr(req, "max_tokens", None) == 0 and not getattr(req, "echo", False):
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                           param="max_tokens")
         vocab = self.online.vocab_size
         bad = [t for t in req.stop_token_ids or () if not 0 <= t < vocab]
         if bad:
@@ -189,6 +201,13 @@ class Serving:
             raise
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return streams
+
+
+def prompt_logprobs(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> int | None:
+    """How many alternatives each prompt token's log-probability needs: vLLM's
+    ``prompt_logprobs``, and with ``echo`` the ``logprobs`` the echoed prompt shows."""
+    wants = [k for k in (req.prompt_logprobs, logprobs if getattr(req, "echo", False) else None) if k is not None]
+    return max(wants) if wants else None
 
 
 def check_model(requested: str | None, served: str) -> None:

@@ -8,6 +8,7 @@ prepare step n+1 while the device runs step n.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
@@ -17,13 +18,14 @@ import torch
 from hf_cb.attention.forward import forward_step, step_mask
 from hf_cb.attention.shape import AttentionShape
 from hf_cb.core.scheduler import ScheduledBatch
-from hf_cb.core.sequence import PENDING, TokenLogprob
+from hf_cb.core.sequence import PENDING, Sequence, TokenLogprob
 from hf_cb.core.staging import Staging
 from hf_cb.distributed.tensor_parallel import TensorParallel
 from hf_cb.manager import PageManager, PageTable
 from hf_cb.paged_cache import PagedCache
 from hf_cb.performance.cuda_graphs import DecodeGraphs
 from hf_cb.sampling.sampler import SamplingBatch, compute_logprobs, is_greedy, make_sampling_batch, sample
+from hf_cb.worker.prompt_scoring import PromptScoring, prompt_scoring, score, unpack
 
 
 @dataclass
@@ -35,8 +37,9 @@ class StepInputs:
     input_ids: np.ndarray  # [T], pending tokens as 0
     pending_dst: torch.Tensor | None  # positions in input_ids filled on the device...
     pending_src: torch.Tensor | None  # ...from these rows of the previous step's tokens
-    logits_indices: np.ndarray  # [S]: the last token of each sampling row
+    logits_indices: np.ndarray  # [S (+ N)]: the last token of each sampling row (then the prompt scoring's)
     slots: torch.Tensor | None = None  # [B]: each row's recurrent-state slot
+    scoring: PromptScoring | None = None  # the prompt tokens the step scores (N of them)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class StepHandle:
     event: torch.cuda.Event | None
     host_logprobs: torch.Tensor | None = None  # [S, 1 + 2k], see sampling.compute_logprobs
     num_logprobs: int = 0
+    scoring: PromptScoring | None = None  # the prompt tokens the step scored...
+    host_prompt_logprobs: torch.Tensor | None = None  # ...their [N, 1 + 2k] rows
 
 
 class ModelRunner:
@@ -71,7 +76,7 @@ class ModelRunner:
         i64 = torch.int64
         self.staging = Staging(self.device, {
             "input_ids": (max_num_tokens, i64), "positions": (max_num_tokens, i64),
-            "logits_indices": (max(max_num_seqs, 2), i64),
+            "logits_indices": (max(max_num_seqs, 2) + max_num_tokens, i64),
             "pending_dst": (max_num_seqs, i64), "pending_src": (max_num_seqs, i64),
             "slots": (max_num_seqs, i64),
         })
@@ -108,14 +113,18 @@ class ModelRunner:
             pending_dst = self.staging.put("pending_dst", dst)[1]
             pending_src = self.staging.put("pending_src", src)[1]
         logits_indices = table.qo_indptr[1:][batch.sample_rows].astype(np.int64) - 1
+        scoring = prompt_scoring(batch, table)
+        if scoring is not None:  # the sampling rows' logits first, then the scored positions'
+            logits_indices = np.concatenate([logits_indices, scoring.indices])
         slots = None
         if self.batch_shaped:
             if len(set(num_new)) > 1 or len({c == 0 for c in num_cached}) > 1:
                 raise RuntimeError("hf_cb: a batch-shaped step's rows differ in length or in having a state")
             slots = self.staging.put("slots", np.fromiter((self.manager.row_of(s.seq_id) for s in seqs), np.int64,
                                                           len(seqs)))[1]
-            logits_indices = np.asarray(batch.sample_rows, dtype=np.int64)  # rows of [B, V] logits
-        return StepInputs(table, input_ids, pending_dst, pending_src, logits_indices, slots)
+            if len(seqs) > 1:  # decode rows: the rows of [B, V] logits
+                logits_indices = np.asarray(batch.sample_rows, dtype=np.int64)
+        return StepInputs(table, input_ids, pending_dst, pending_src, logits_indices, slots, scoring)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -138,18 +147,35 @@ class ModelRunner:
             tokens, logits = self.graphs.replay(graph_size, len(batch.seqs))
             if not is_greedy(sampling):
                 tokens = sample(logits.float(), sampling)
-        elif self.batch_shaped:
-            logits = self._forward_batch_shaped(batch, inputs, prev_tokens)
-            tokens = sample(logits.float(), sampling)
         else:
-            logits = self._forward_eager(inputs, prev_tokens)
+            if self.batch_shaped and len(batch.seqs) > 1:
+                logits = self._forward_batch_shaped(batch, inputs, prev_tokens)
+            else:  # a packed step, or one sequence's prefill chunk of a model with recurrent state
+                with self._states_of(batch, inputs):
+                    logits = self._forward_eager(inputs, prev_tokens)
+            logits, prompt_logits = logits[: len(batch.sample_rows)], logits[len(batch.sample_rows) :]
             tokens = sample(logits.float(), sampling)
         if self.tp is not None:
             self.tp.broadcast_tokens(tokens)
         logprobs = None
         if sampling.num_logprobs is not None:
             logprobs = compute_logprobs(logits, tokens, sampling.num_logprobs)
-        return self._read_back(batch, tokens, logprobs, sampling.num_logprobs or 0)
+        handle = self._read_back(batch, tokens, logprobs, sampling.num_logprobs or 0)
+        if inputs.scoring is not None:
+            targets = torch.from_numpy(inputs.scoring.targets).to(self.device)
+            rows = score(prompt_logits, targets, inputs.scoring.k)
+            handle.host_prompt_logprobs = self._host_buffer("prompt_logprobs", tuple(rows.shape), torch.float32)
+            handle.host_prompt_logprobs.copy_(rows, non_blocking=self.on_cuda)
+            handle.scoring = inputs.scoring
+            if handle.event is not None:
+                handle.event.record()  # after this copy too
+        return handle
+
+    def _states_of(self, batch: ScheduledBatch, inputs: StepInputs):
+        """The step's recurrent states bound for its forward (a model without: nothing)."""
+        if not self.batch_shaped:
+            return nullcontext()
+        return self.cache.bound(inputs.slots, batch.seqs[0].num_cached_tokens == 0)
 
     def _forward_eager(self, inputs: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         """Logits ``[S, V]`` of the sampling rows, from the model's own forward."""
@@ -182,8 +208,7 @@ class ModelRunner:
         position_ids = self.staging.put("positions", inputs.table.positions)[1]
         step = self.backend.plan(inputs.table)
         self._record_inputs_copied()
-        fresh = batch.seqs[0].num_cached_tokens == 0
-        with self.cache.bound(inputs.slots, fresh):
+        with self._states_of(batch, inputs):
             logits = forward_step(self.forward, self.model, self.cache, step, input_ids.view(rows, length),
                                   position_ids.view(rows, length), self._mask, 1)
         return logits[torch.from_numpy(inputs.logits_indices).to(logits.device)]
@@ -228,6 +253,12 @@ class ModelRunner:
             return tokens, None
         wants = [handle.batch.seqs[r].params.logprobs for r in handle.batch.sample_rows]
         return tokens, unpack_logprobs(tokens, handle.host_logprobs.tolist(), wants, handle.num_logprobs)
+
+    def prompt_logprobs(self, handle: StepHandle) -> list[tuple[Sequence, int, TokenLogprob]]:
+        """The prompt tokens a waited-for step scored: (sequence, position, `TokenLogprob`)."""
+        if handle.scoring is None:
+            return []
+        return unpack(handle.scoring, handle.host_prompt_logprobs.tolist())
 
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Launch one step and wait for its tokens (no overlap)."""
