@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,10 +18,12 @@ from hf_cb.engine.llm_engine import LLMEngine
 from hf_cb.engine.on_model import get_engine
 from hf_cb.entrypoints.generation_args import (
     STOCK_ONLY_KWARGS,
+    criteria_reason,
     is_integer_tensor,
     params_from_config,
     per_input,
     prompts_from_inputs,
+    read_criteria,
     unpad,
     unsupported_reason,
 )
@@ -148,7 +151,8 @@ def generate(
     and the config; this returns what stock `generate` returns, computed by the engine.
 
     The logits processors and stopping criteria `generate` built are not run: the engine
-    applies the same rules from the config itself (a config it cannot honour raises).
+    applies the same rules, from the config and from the criteria (only Transformers' own:
+    max length, EOS tokens, stop strings; a config or criterion it cannot honour raises).
     Transformers hands a custom generate neither the streamer nor the tokenizer, so `enable`
     passes them, and ``stop_strings``, as the ``hf_cb_*`` arguments.
     """
@@ -157,10 +161,20 @@ def generate(
         raise ValueError(f"hf_cb does not support this generation mode ({reason})")
     batch, prompt_len = input_ids.shape
     prompts = unpad(input_ids, model_kwargs.get("attention_mask"))
-    params = params_from_config(generation_config, prompt_len, generation_config.max_length - prompt_len)
+    # The criteria generate prepared (its own from the config, a caller's replacing one of a
+    # type): the same limits, applied by the engine.
+    limits = read_criteria(stopping_criteria or [])
+    max_length = min(generation_config.max_length, limits.max_length or generation_config.max_length)
+    params = params_from_config(generation_config, prompt_len, max_length - prompt_len)
+    if limits.eos_token_ids is not None or stopping_criteria:
+        params = replace(params, eos_token_ids=limits.eos_token_ids or ())
+    stops = [*([hf_cb_stop_strings] if isinstance(hf_cb_stop_strings, str) else hf_cb_stop_strings or []),
+             *limits.stop_strings]
     hooks: list[Hook] = []
-    if hf_cb_stop_strings:
-        hooks.append(StopStrings(hf_cb_tokenizer, hf_cb_stop_strings))
+    if stops:
+        if hf_cb_tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (generate's tokenizer=)")
+        hooks.append(StopStrings(hf_cb_tokenizer, stops))
     feed = StreamerFeed(hf_cb_streamer, input_ids) if hf_cb_streamer is not None else None
     if feed is not None:
         hooks.append(feed)  # after the stop strings: a stop cuts tokens before they are streamed
@@ -192,9 +206,13 @@ def _drop_in_config(model: torch.nn.Module, inputs, generation_config,
                     kwargs: dict) -> tuple[GenerationConfig | None, str | None]:
     """(the prepared config of a generate() call hf_cb runs, None) or (None, why it goes to
     stock generate: a mode hf_cb does not handle, or inputs stock generate refuses itself)."""
-    stock_only = next((k for k in STOCK_ONLY_KWARGS if _is_set(kwargs.get(k))), None)
+    stock_only = next((k for k in STOCK_ONLY_KWARGS if _is_set(kwargs.get(k)) and k != "stopping_criteria"), None)
     if stock_only is not None:
         return None, f"`{stock_only}` is given"
+    if _is_set(kwargs.get("stopping_criteria")):  # Transformers' own criteria run on the engine
+        reason = criteria_reason(kwargs["stopping_criteria"], kwargs.get("tokenizer"))
+        if reason:
+            return None, reason
     ids = inputs if inputs is not None else kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0 or not is_integer_tensor(ids):
         return None, "the inputs are not a non-empty [batch, length] tensor of token ids"
@@ -231,6 +249,8 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
         if config.stop_strings:
             ours.update(hf_cb_stop_strings=config.stop_strings, hf_cb_tokenizer=kwargs.pop("tokenizer"))
             kwargs["stop_strings"] = None
+        elif kwargs.get("tokenizer") is not None:  # a StopStringCriteria's stop strings need it
+            ours["hf_cb_tokenizer"] = kwargs.pop("tokenizer")
         return stock(inputs, generation_config, custom_generate=generate, **kwargs, **ours)
 
     generate_.__doc__ = stock.__doc__

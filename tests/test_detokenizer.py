@@ -73,3 +73,13 @@ def test_earliest_stop_string_wins_within_one_piece():
     detok = IncrementalDetokenizer(tok, stop=["w9", "w8"])
     assert detok.add([5, 8, 9, 10])
     assert detok.text == "w5 " and detok.num_tokens == 2 and detok.stopped_on == "w8"
+
+
+def test_a_sequence_ending_inside_a_character_ends_as_the_plain_decode():
+    """Its last bytes never came: the final text is `tokenizer.decode`'s, U+FFFD included, as
+    Transformers' generate and lm-eval's hf backend give it."""
+    tok = byte_tokenizer()
+    ids = tok("the capital 你好", add_special_tokens=False)["input_ids"][:-1]  # cut inside 好
+    detok, pieces = stream_pieces(tok, ids)
+    assert "".join(pieces) == detok.text == tok.decode(ids) and detok.text.endswith("\ufffd")
+    assert not any("\ufffd" in p for p in pieces[:-1])  # only the final piece carries it

@@ -66,6 +66,36 @@ def test_drop_in_stop_strings_equal_stock(enabled):
     assert ours.shape[1] < ids.shape[1] + 16  # it did stop early
 
 
+def test_drop_in_runs_transformers_own_stopping_criteria(enabled):
+    """A StoppingCriteriaList of Transformers' own criteria (max length, EOS tokens, stop
+    strings) runs on the engine, as stock generate runs it; a criterion of other code goes to
+    stock generate, with a warning naming it."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
+
+    tok = byte_tokenizer()
+    ids = torch.tensor([PROMPTS[3]])
+    full = reference_generate(enabled, PROMPTS[3], max_new_tokens=16, do_sample=False)
+    base = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    cases = [
+        StoppingCriteriaList([MaxLengthCriteria(ids.shape[1] + 5)]),
+        StoppingCriteriaList([EosTokenCriteria(full[6])]),  # a token greedy decoding emits: it stops there
+        StoppingCriteriaList([StopStringCriteria(tok, [tok.decode(full[0:2])])]),
+    ]
+    for criteria in cases:
+        hf_cb.disable(enabled)
+        stock, ours = stock_and_ours(enabled, **base, stopping_criteria=criteria, tokenizer=tok)
+        assert torch.equal(ours, stock) and ours.shape[1] < ids.shape[1] + 16, criteria
+
+    class Custom(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    generated = hf_cb.get_engine(enabled).num_generated_tokens
+    enabled.generate(**base, stopping_criteria=StoppingCriteriaList([Custom()]))
+    assert hf_cb.get_engine(enabled).num_generated_tokens == generated  # stock generate ran it
+
+
 def test_generate_batch_continuous_stop_strings_equal_stock():
     model = tiny_model("llama")
     tok = byte_tokenizer()

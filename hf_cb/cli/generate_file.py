@@ -26,7 +26,7 @@ from hf_cb.entrypoints.online import OnlineEngine
 from hf_cb.sampling.params import SamplingParams
 from hf_cb.server.errors import APIError
 from hf_cb.server.protocol import ChatCompletionRequest, CompletionRequest, parse_json, validate
-from hf_cb.server.responses import chat_logprobs, collect, completion_logprobs
+from hf_cb.server.responses import ResponseShape, collect, response_body
 from hf_cb.server.serving import Serving, check_model
 
 Request = CompletionRequest | ChatCompletionRequest
@@ -62,6 +62,7 @@ class Job:
     request: Request
     prompts: list[list[int]]
     params: list[SamplingParams]
+    logprobs: int | None  # the alternatives asked for (None: no log-probabilities)
 
 
 def line_defaults(args: Namespace) -> dict[str, Any]:
@@ -144,26 +145,28 @@ def _job(serving: Serving, req: Request) -> Job:
     try:
         prompts = [serving.chat_prompt(req)] if chat else serving.completion_prompts(req)
         logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
-        return Job(req, prompts, serving.check(req, prompts, logprobs, "messages" if chat else "prompt"))
+        return Job(req, prompts, serving.check(req, prompts, logprobs, "messages" if chat else "prompt"), logprobs)
     except APIError as error:
         raise BadLine(error.message) from error
 
 
-def _result(serving: Serving, req: Request, prompts: list[list[int]], choices) -> dict:
+def _result(serving: Serving, req: Request, shape: ResponseShape, choices) -> dict:
     """One output line (docs/serving.md): the first choice's fields, and every choice when ``n`` > 1."""
-    chat = isinstance(req, ChatCompletionRequest)
-    want = req.logprobs if chat else req.logprobs is not None
+    body = response_body(serving, choices, shape)
 
-    def one(c) -> dict:
-        out = {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
-        if want:
-            out["logprobs"] = chat_logprobs(serving, c.logprobs) if chat else completion_logprobs(serving, c.logprobs)
+    def one(i: int) -> dict:
+        choice = body["choices"][i]
+        text = choice["message"]["content"] if shape.chat else choice["text"]
+        out = {"text": text, "finish_reason": choice["finish_reason"], "completion_tokens": len(choices[i].token_ids)}
+        if shape.want_logprobs:
+            out["logprobs"] = choice["logprobs"]
+        out.update({k: choice[k] for k in ("prompt_logprobs", "prompt_token_ids", "token_ids") if k in choice})
         return out
 
-    result = {**one(choices[0]), "prompt_tokens": sum(map(len, prompts)),
+    result = {**one(0), "prompt_tokens": shape.num_prompt_tokens,
               "completion_tokens": sum(len(c.token_ids) for c in choices)}
     if len(choices) > 1:
-        result["choices"] = [one(c) for c in choices]
+        result["choices"] = [one(i) for i in range(len(choices))]
     return result
 
 
@@ -178,11 +181,14 @@ async def generate_file(online: OnlineEngine, loaded: Any, lines: list[Line], pr
 
     async def run(job: Job) -> dict:
         nonlocal generated
-        choices = await collect(serving, serving.submit(job.request, job.prompts, job.params))
+        req = job.request
+        echo = serving.echo_texts(req, job.prompts) if getattr(req, "echo", False) else None
+        shape = ResponseShape.of(req, job.prompts, job.logprobs, echo)
+        choices = await collect(serving, serving.submit(req, job.prompts, job.params), shape)
         generated += sum(len(c.token_ids) for c in choices)
         bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}", refresh=False)
         bar.update(1)
-        return _result(serving, job.request, job.prompts, choices)
+        return _result(serving, req, shape, choices)
 
     try:
         return await asyncio.gather(*(run(job) for job in jobs))

@@ -1,5 +1,6 @@
-"""``hf-cb`` (and ``python -m hf_cb``): ``serve`` the OpenAI-compatible API, or ``generate``
-answers for a JSONL file. With no MODEL, both use the embedded default model."""
+"""``hf-cb`` (and ``python -m hf_cb``): ``serve`` the OpenAI-compatible API, ``generate``
+answers for a JSONL file (with no MODEL, both use the embedded default model), or ``eval``
+with lm-evaluation-harness on the engine."""
 
 from __future__ import annotations
 
@@ -58,11 +59,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="default stop string (repeatable)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g.set_defaults(func=generate)
+    sub.add_parser("eval", help="lm-evaluation-harness on hf_cb: `hf-cb eval LM_EVAL_ARGS` (--model hf_cb by default)",
+                   add_help=False)  # its arguments are lm-eval's (`main` passes them through)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # lm-eval's own command line, passed through whole
+        from hf_cb.cli.evaluate import run_lm_eval
+
+        return run_lm_eval(argv[1:])
     args = parser().parse_args(argv)
     nproc = args.tensor_parallel_size * dp_size(args)
     if args.func is serve:  # what needs no model, before any rank loads it

@@ -6,6 +6,10 @@ emoji split across tokens never surfaces as U+FFFD, and the pieces concatenate t
 decode. Other tokenizers decode a sliding window of ids and hold back text that still ends in
 U+FFFD (the method of TGI and vLLM).
 
+When the sequence ends inside a character (its last bytes never came), the final text is the
+tokenizer's plain decode of every token, U+FFFD included, as `tokenizer.decode` and
+Transformers' `generate` give it.
+
 Stop strings follow the OpenAI API: generation ends at the first occurrence of any of them in
 the generated text, which is cut before it (after it with ``include_stop``). While streaming,
 the last ``len(longest stop) - 1`` characters are held back, since they may begin a stop string.
@@ -43,6 +47,8 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True, stop: Sequence[str] = (),
                  include_stop: bool = False, min_tokens: int = 0):
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = []
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             from tokenizers.decoders import DecodeStream
@@ -67,6 +73,7 @@ class IncrementalDetokenizer:
             if self.stopped_on is not None:
                 return True
             piece = self._step(token_id)
+            self._ids.append(token_id)
             self.num_tokens += 1
             if piece:
                 start = len(self.text)
@@ -87,8 +94,17 @@ class IncrementalDetokenizer:
     def delta(self, final: bool = False) -> str:
         """Text not returned before. Until ``final`` (or a stop), the tail that could begin a
         stop string is held back."""
+        if final and self.stopped_on is None:
+            self._flush()
         end = len(self.text)
         if not final and self.stopped_on is None:
             end = max(self._sent, end - self._hold)
         piece, self._sent = self.text[self._sent : end], end
         return piece
+
+    def _flush(self) -> None:
+        """At the end: the bytes of a character that never completed, as the plain decode
+        shows them (U+FFFD)."""
+        full = self._decode(self._ids)
+        if len(full) > len(self.text) and full.startswith(self.text):
+            self.text = full

@@ -4,10 +4,12 @@ and the generation modes hf_cb does not reproduce (they go to stock `generate`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
 
 from hf_cb.sampling.params import SamplingParams
 
@@ -52,6 +54,45 @@ STOCK_ONLY_KWARGS = (
     "assistant_tokenizer", "negative_prompt_ids", "negative_prompt_attention_mask",
     "custom_generate", "inputs_embeds", "past_key_values", "cache", "synced_gpus",
 )
+
+
+# Stopping criteria of Transformers' own that the engine applies itself (a list of only these
+# runs on hf_cb; any other criterion is code hf_cb cannot run, and goes to stock generate).
+OWN_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, StopStringCriteria)
+
+
+def criteria_reason(criteria: Any, tokenizer: Any) -> str | None:
+    """Why a ``stopping_criteria`` list cannot run on hf_cb, or None if it can."""
+    others = sorted({type(c).__name__ for c in criteria if not isinstance(c, OWN_CRITERIA)})
+    if others:
+        return f"`stopping_criteria` holds {others}, not only Transformers' max-length, EOS and stop-string criteria"
+    if tokenizer is None and any(isinstance(c, StopStringCriteria) for c in criteria):
+        return "a StopStringCriteria without tokenizer="
+    return None
+
+
+@dataclass(frozen=True)
+class CriteriaLimits:
+    """What a list of `OWN_CRITERIA` stops on: the shortest ``max_length`` (None: none), the EOS
+    token ids of its EOS criteria (None: it has none), its stop strings."""
+
+    max_length: int | None
+    eos_token_ids: tuple[int, ...] | None
+    stop_strings: tuple[str, ...]
+
+
+def read_criteria(criteria: Any) -> CriteriaLimits:
+    """The `CriteriaLimits` of ``generate``'s prepared stopping criteria (its own, merged with the
+    caller's: a caller's criterion replaces generate's of the same type, as stock generate runs
+    them). Raises for a criterion of another kind."""
+    reason = criteria_reason(criteria, tokenizer=True)
+    if reason:
+        raise ValueError(f"hf_cb cannot run these stopping criteria: {reason}")
+    lengths = [c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)]
+    eos = [torch.as_tensor(c.eos_token_id).flatten().tolist() for c in criteria if isinstance(c, EosTokenCriteria)]
+    stops = [s for c in criteria if isinstance(c, StopStringCriteria) for s in c.stop_strings]
+    return CriteriaLimits(min(lengths) if lengths else None,
+                          tuple(dict.fromkeys(t for ids in eos for t in ids)) if eos else None, tuple(stops))
 
 
 def unsupported_reason(config: GenerationConfig) -> str | None:

@@ -147,10 +147,7 @@ def create_app(online: Any, tokenizer: Any, *, model_name: str, options: ServerO
             streams = serving.submit(req, prompts, params)
         except EngineDeadError as error:
             raise engine_error(error) from error
-        shape = ResponseShape(chat, logprobs is not None, prompts, req.n, echo_texts,
-                              score_only=getattr(req, "score_only", False),
-                              prompt_logprobs=req.prompt_logprobs is not None,
-                              return_token_ids=req.return_token_ids, tokens_as_ids=req.return_tokens_as_token_ids)
+        shape = ResponseShape.of(req, prompts, logprobs, echo_texts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(stream_events(serving, streams, shape, include_usage=include_usage), streams)

@@ -7,10 +7,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from hf_cb.core.sequence import TokenLogprob
 from hf_cb.entrypoints.streams import RequestOutput, RequestStream, iterate_async
 from hf_cb.server.errors import ENGINE_ERRORS, engine_error
+from hf_cb.server.protocol import ChatCompletionRequest
 from hf_cb.server.serving import Serving
 
 
@@ -37,6 +39,14 @@ class ResponseShape:
     @property
     def num_prompt_tokens(self) -> int:
         return sum(map(len, self.prompts))
+
+    @classmethod
+    def of(cls, req: Any, prompts: list[list[int]], logprobs: int | None,
+           echo_texts: list[str] | None = None) -> "ResponseShape":
+        """The shape a request asks for (``logprobs``: the alternatives it asked, None for none)."""
+        return cls(isinstance(req, ChatCompletionRequest), logprobs is not None, prompts, req.n, echo_texts,
+                   score_only=getattr(req, "score_only", False), prompt_logprobs=req.prompt_logprobs is not None,
+                   return_token_ids=req.return_token_ids, tokens_as_ids=req.return_tokens_as_token_ids)
 
 
 @dataclass
